@@ -1,0 +1,50 @@
+"""Small numeric helpers shared by reward and policy training."""
+
+import torch
+import torch.nn.functional as F
+
+from lm_human_preferences.utils.errors import UserError
+
+
+def exact_div(a: int, b: int) -> int:
+    """a / b for integers that must divide evenly; a clear error when they do not."""
+    if b == 0:
+        raise UserError(f"cannot divide {a} by zero")
+    q, r = divmod(a, b)
+    if r != 0:
+        raise UserError(f"{a} is not divisible by {b}; choose sizes that divide evenly")
+    return q
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Smallest integer q with q * b >= a (b positive)."""
+    if b <= 0:
+        raise UserError(f"cannot divide {a} into groups of {b}; the divisor must be positive")
+    return -(-a // b)
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalize to mean 0 and variance 1 over ALL elements (biased variance, as tf.nn.moments).
+
+    With shift_mean=False the original mean is added back, so only the scale changes.
+    """
+    values = values.float()
+    mean = values.mean()
+    var = ((values - mean) ** 2).mean()
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[labels], computed in float32. logits [..., V], labels [...]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last axis, in float32."""
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)

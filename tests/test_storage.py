@@ -1,0 +1,133 @@
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm_human_preferences.utils import storage
+from lm_human_preferences.utils.errors import UserError
+
+BASE = storage.PUBLIC_BASE
+
+
+def test_gs_paths_map_to_public_https():
+    assert storage.canonical_url("gs://gpt-2/models/124M/hparams.json") == f"{BASE}/gpt-2/models/124M/hparams.json"
+    assert (storage.canonical_url("gs://lm-human-preferences/labels/sentiment/offline_5k.json")
+            == f"{BASE}/lm-human-preferences/labels/sentiment/offline_5k.json")
+    assert storage.canonical_url(f"{BASE}/gpt-2/x") == f"{BASE}/gpt-2/x"
+    with pytest.raises(UserError, match="only gs://gpt-2/ and gs://lm-human-preferences/ are known"):
+        storage.canonical_url("gs://other-bucket/file")
+
+
+def test_join():
+    assert storage.join("gs://gpt-2/models/124M/", "hparams.json") == "gs://gpt-2/models/124M/hparams.json"
+    assert storage.join("/tmp/x", "a", "b") == "/tmp/x/a/b"
+
+
+def test_local_paths(tmp_path):
+    f = tmp_path / "labels.json"
+    f.write_text("[]")
+    assert storage.fetch(str(f)) == f
+    assert storage.exists(str(f))
+    with pytest.raises(UserError, match="no such file"):
+        storage.fetch(str(tmp_path / "missing.json"))
+    assert not storage.exists(str(tmp_path / "missing.json"))
+
+
+def test_download_is_cached_and_reused(http_server, tmp_path):
+    http_server.add_file("lm-human-preferences/a/data.bin", b"x" * 5000)
+    path = storage.fetch("gs://lm-human-preferences/a/data.bin")
+    assert path.read_bytes() == b"x" * 5000
+    assert str(path).startswith(str(tmp_path / "cache"))
+    again = storage.fetch(f"{BASE}/lm-human-preferences/a/data.bin")
+    assert again == path
+    assert http_server.count("lm-human-preferences/a/data.bin") == 1
+
+
+def test_retries_server_errors_then_succeeds(http_server):
+    http_server.add_file("gpt-2/flaky.txt", b"finally")
+    http_server.script("gpt-2/flaky.txt", "500", "500")
+    assert storage.fetch("gs://gpt-2/flaky.txt", backoff=0.01).read_bytes() == b"finally"
+    assert http_server.count("gpt-2/flaky.txt") == 3
+
+
+def test_404_is_not_retried_and_names_the_url(http_server, tmp_path):
+    with pytest.raises(UserError, match=rf"{BASE}/gpt-2/nothing-here.json: not found \(HTTP 404\)"):
+        storage.fetch("gs://gpt-2/nothing-here.json", backoff=0.01)
+    assert http_server.count("gpt-2/nothing-here.json") == 1
+    assert not storage.exists("gs://gpt-2/nothing-here.json")
+
+
+def _cache_files(tmp_path):
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+
+def test_dropped_connection_never_leaves_a_partial_file(http_server, tmp_path):
+    http_server.add_file("gpt-2/big.bin", os.urandom(200_000))
+    http_server.script("gpt-2/big.bin", "drop", "drop", "drop")
+    with pytest.raises(UserError, match="download failed after 3 attempts .*connection"):
+        storage.fetch("gs://gpt-2/big.bin", retries=2, backoff=0.01)
+    assert _cache_files(tmp_path) == []
+    # one more drop, then a good answer: the result is the whole file
+    http_server.script("gpt-2/big.bin", "drop")
+    path = storage.fetch("gs://gpt-2/big.bin", backoff=0.01)
+    assert path.read_bytes() == (http_server.root / "gpt-2/big.bin").read_bytes()
+    assert len(_cache_files(tmp_path)) == 1
+
+
+def test_unreachable_host_is_a_clear_error():
+    with pytest.raises(UserError, match="download failed after 2 attempts .*cannot connect"):
+        storage.fetch("http://127.0.0.1:9/file.json", retries=1, backoff=0.01)
+
+
+def test_processes_share_one_download(http_server, tmp_path):
+    http_server.add_file("gpt-2/shared.bin", b"y" * 1000)
+    http_server.script("gpt-2/shared.bin", "slow")
+    code = ("import sys; from lm_human_preferences.utils import storage; "
+            "print(storage.fetch('gs://gpt-2/shared.bin').read_bytes() == b'y' * 1000)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outputs == ["True"] * 3
+    assert http_server.count("gpt-2/shared.bin") == 1
+
+
+def test_waiting_for_a_held_lock_times_out_clearly(http_server, monkeypatch):
+    http_server.add_file("gpt-2/locked.bin", b"z")
+    url = storage.canonical_url("gs://gpt-2/locked.bin")
+    target = storage.cache_path(url)
+    target.parent.mkdir(parents=True)
+    fd = os.open(target.with_name(target.name + ".lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    monkeypatch.setenv("LMHP_LOCK_TIMEOUT", "0.5")
+    try:
+        with pytest.raises(UserError, match="waited 0 s for another process downloading"):
+            storage.fetch("gs://gpt-2/locked.bin")
+    finally:
+        os.close(fd)
+    assert storage.fetch("gs://gpt-2/locked.bin").read_bytes() == b"z"
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(http_server, tmp_path, monkeypatch):
+    http_server.add_file("gpt-2/full.bin", b"w" * 100)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(UserError, match="disk full while saving .*full.bin"):
+        storage.fetch("gs://gpt-2/full.bin")
+    assert _cache_files(tmp_path) == []
+    with pytest.raises(UserError, match="disk full while writing"):
+        storage.atomic_write_text(tmp_path / "out" / "x.json", "{}")
+    assert not (tmp_path / "out" / "x.json").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "sub" / "f.json"
+    storage.atomic_write_text(target, "old")
+    storage.atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
