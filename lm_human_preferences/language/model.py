@@ -146,12 +146,17 @@ class Model(nn.Module):
         nn.init.zeros_(head.bias)
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache for `batch` rows and up to `capacity` positions (≤ n_ctx)."""
+        """An empty cache for `batch` rows and up to `capacity` positions (≤ n_ctx).
+
+        Its dtype defaults to the autocast dtype when autocast is on, else the weights' dtype.
+        """
         hp = self.hparams
         if capacity > hp.n_ctx:
             raise UserError(f"a cache of {capacity} positions exceeds the model's context of {hp.n_ctx} tokens")
         device = self.wte.weight.device
-        dtype = dtype or self.wte.weight.dtype
+        if dtype is None:
+            autocasting = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
         shape = (hp.n_layer, batch, hp.n_head, capacity, hp.n_embd // hp.n_head)
         return KVCache(
             keys=torch.empty(shape, dtype=dtype, device=device),

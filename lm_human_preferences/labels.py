@@ -1,0 +1,133 @@
+"""Reading human-label files (SPEC §5) into numpy arrays, validating every record.
+
+A label file is a JSON list of records. The released tldr files are 200-300 MB, so records
+are decoded one at a time and turned into compact int32 arrays at once, instead of holding
+the whole file as Python objects.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from lm_human_preferences.label_types import LabelType
+from lm_human_preferences.utils import storage
+from lm_human_preferences.utils.errors import UserError
+
+TEST_SOURCE = "test"
+TEST_RECORDS = 50
+_WHITESPACE = re.compile(r"\s*")
+
+
+@dataclass
+class Labels:
+    """Columns of a label file: 'query', the response keys ([n, length] int32) and the label ([n])."""
+
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["query"])
+
+    def __getitem__(self, index) -> "Labels":
+        return Labels({k: v[index] for k, v in self.columns.items()})
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    n_vocab: int
+    padding_token: int
+
+
+def _records(text: str, source: str):
+    """Yield the records of a JSON list one by one."""
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise UserError(f"{source}: a label file must be a JSON list of records")
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return
+    index = 0
+    while True:
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}: invalid JSON in record {index} (line {e.lineno}, column {e.colno}: "
+                            f"{e.msg}); the file may be truncated, download it again") from None
+        yield record
+        index += 1
+        pos = _WHITESPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WHITESPACE.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return
+        else:
+            raise UserError(f"{source}: invalid JSON after record {index - 1} (expected ',' or ']'); "
+                            "the file may be truncated, download it again")
+
+
+def _tokens(record: dict, key: str, length: int, vocab: Vocabulary, index: int, source: str) -> np.ndarray:
+    value = record[key]
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise UserError(f"{source}: record {index}: {key!r} must be a list of integer token ids")
+    if len(value) != length:
+        raise UserError(f"{source}: record {index}: {key!r} has {len(value)} tokens, the task expects {length}; "
+                        "set task.query_length / task.response_length to match the file")
+    tokens = np.asarray(value, dtype=np.int64)
+    bad = (tokens < 0) | ((tokens >= vocab.n_vocab) & (tokens != vocab.padding_token))
+    if bad.any():
+        raise UserError(f"{source}: record {index}: {key!r} holds token id {tokens[bad][0]}, outside the vocabulary "
+                        f"(0..{vocab.n_vocab - 1}) and not the padding token {vocab.padding_token}; "
+                        "was the file made with another encoding?")
+    return tokens.astype(np.int32)
+
+
+def load(source: str, label_type: LabelType, query_length: int, response_length: int,
+         vocab: Vocabulary) -> Labels:
+    """Every record of a label file (path, https:// or gs:// URL), or the `test` source."""
+    schemas = label_type.question_schemas(query_length, response_length)
+    label_key = label_type.label_key
+    label_dtype = np.int64 if label_type.label_schemas()[label_key].dtype == "int" else np.float32
+    if source == TEST_SOURCE:
+        columns = {key: np.zeros((TEST_RECORDS, *s.shape), dtype=np.int32) for key, s in schemas.items()}
+        columns[label_key] = np.zeros(TEST_RECORDS, dtype=label_dtype)
+        return Labels(columns)
+
+    path = storage.fetch(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: not a UTF-8 JSON file ({e})") from None
+    rows: dict[str, list] = {key: [] for key in [*schemas, label_key]}
+    for index, record in enumerate(_records(text, source)):
+        if not isinstance(record, dict):
+            raise UserError(f"{source}: record {index} is a {type(record).__name__}, not an object")
+        for key in rows:
+            if key not in record:
+                raise UserError(f"{source}: record {index} lacks {key!r} (a {label_type.name} label needs "
+                                f"{', '.join(rows)}); is this a label file of another type?")
+        for key, schema in schemas.items():
+            rows[key].append(_tokens(record, key, schema.shape[0], vocab, index, source))
+        problem = label_type.label_problem(record[label_key])
+        if problem:
+            raise UserError(f"{source}: record {index}: {label_key!r} is {record[label_key]!r}; it {problem}")
+        rows[label_key].append(record[label_key])
+    del text
+    if not rows["query"]:
+        raise UserError(f"{source}: the label file holds no records")
+    columns = {key: np.stack(rows[key]) for key in schemas}
+    columns[label_key] = np.asarray(rows[label_key], dtype=label_dtype)
+    return Labels(columns)
+
+
+def split(labels: Labels, num_train: int, source: str) -> tuple[Labels, Labels]:
+    """(the first num_train records, the later records whose query is not among them)."""
+    if len(labels) < num_train:
+        raise UserError(f"{source} holds {len(labels)} labels but labels.num_train is {num_train}; "
+                        f"lower labels.num_train to at most {len(labels)}")
+    train = labels[:num_train]
+    rest = labels[num_train:]
+    seen = {q.tobytes() for q in train.columns["query"]}
+    unseen = np.array([q.tobytes() not in seen for q in rest.columns["query"]], dtype=bool)
+    return train, rest[unseen]

@@ -1,0 +1,55 @@
+"""Autoregressive sampling with a preallocated KV cache, all rows at once."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lm_human_preferences.language.model import Model
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # [batch, length] long
+    logprobs: torch.Tensor  # [batch, length] float32, log-probs under logits / temperature
+    values: dict[str, torch.Tensor]  # head name -> [batch, length]: the head at the position that chose each token
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) to -inf. logits [batch, vocab]."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+@torch.no_grad()
+def sample(model: Model, context: torch.Tensor, length: int, *, padding_token: int | None,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> Samples:
+    """Sample `length` tokens after `context` [batch, context_len] (which may contain padding)."""
+    batch, context_len = context.shape
+    cache = model.new_cache(batch, context_len + length)
+    out = model(context, padding_token, cache=cache, output_slice=slice(-1, None))
+    tokens, logprobs = [], []
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in out.heads}
+    for step in range(length):
+        logits = out.logits[:, -1].float() / temperature
+        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
+        tokens.append(token)
+        logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, token))
+        for name, head in out.heads.items():
+            values[name].append(head[:, -1:])
+        if step + 1 < length:
+            out = model(token, padding_token, cache=cache)
+    return Samples(
+        tokens=torch.cat(tokens, dim=1),
+        logprobs=torch.cat(logprobs, dim=1),
+        values={name: torch.cat(v, dim=1) for name, v in values.items()},
+    )

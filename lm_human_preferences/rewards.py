@@ -1,0 +1,95 @@
+"""The reward model: initial LM + `reward` head + a scalar affine "reward norm" (SPEC §6)."""
+
+import torch
+from torch import nn
+
+from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.language.encodings import Encoding
+from lm_human_preferences.language.model import Model
+from lm_human_preferences.utils import distributed, storage
+from lm_human_preferences.utils.errors import UserError
+
+
+class RewardModel(nn.Module):
+    """reward = gain · head(last real token of query + response) + bias.
+
+    gain and bias are trained together with the model, as in the original.
+    """
+
+    def __init__(self, model: Model, encoding: Encoding):
+        super().__init__()
+        if "reward" not in model.heads:
+            raise ValueError("the reward model's LM needs a 'reward' head")
+        self.model = model
+        self.encoding = encoding
+        self.gain = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.gain.device
+
+    def forward(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """Rewards [batch] for queries [batch, q] followed by responses [batch, r] (no prefix/suffix)."""
+        tokens = torch.cat([queries, responses], dim=1)
+        with distributed.autocast(self.device):
+            out = self.model(tokens, self.encoding.padding_token, output_slice=slice(-1, None))
+        return self.gain * out.heads["reward"][:, 0] + self.bias
+
+    @torch.no_grad()
+    def reset_norm(self) -> None:
+        self.gain.fill_(1.0)
+        self.bias.fill_(0.0)
+
+    @torch.no_grad()
+    def set_norm(self, mean: float, std: float, target_mean: float, target_std: float) -> None:
+        """Given rewards measured with gain 1 and bias 0 (mean, std), make them target_mean/target_std."""
+        if not std > 0:
+            raise UserError(f"cannot normalize rewards: their std over the samples is {std}; "
+                            "use more normalize_samples or check the reward model")
+        gain = target_std / std
+        self.gain.fill_(gain)
+        self.bias.fill_(target_mean - gain * mean)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint: the LM with its reward head, plus reward_norm.{gain,bias}."""
+        tensors = dict(self.model.state_dict())
+        tensors["reward_norm.gain"] = self.gain.detach()
+        tensors["reward_norm.bias"] = self.bias.detach()
+        return tensors
+
+
+def reward_stats(rewards: torch.Tensor) -> tuple[float, float]:
+    """Mean and population std over every rank's rewards."""
+    count = distributed.all_reduce_sum(torch.tensor(float(rewards.numel()), device=rewards.device))
+    total = distributed.all_reduce_sum(rewards.float().sum())
+    mean = total / count
+    var = distributed.all_reduce_sum(((rewards.float() - mean) ** 2).sum()) / count
+    return mean.item(), var.sqrt().item()
+
+
+def reward_model_folder(path: str) -> str:
+    """Accept a train_reward save folder or its `reward_model` subfolder (as the released runs name it)."""
+    nested = storage.join(path, "reward_model")
+    if storage.exists(storage.join(nested, "hparams.json")):
+        return nested
+    if storage.exists(storage.join(path, "hparams.json")):
+        return path
+    raise UserError(f"{path}: no reward model here (looked for hparams.json in it and in its reward_model/); "
+                    "pass the save folder of a train_reward run")
+
+
+def load_trained(path: str, device: torch.device | str = "cpu") -> RewardModel:
+    """A trained reward model from a save folder (path or URL), with its gain and bias."""
+    folder = reward_model_folder(path)
+    saved = trained_models.load(folder)
+    for key in ("heads.reward.weight", "reward_norm.gain", "reward_norm.bias"):
+        if key not in saved.tensors:
+            raise UserError(f"{folder}: the checkpoint lacks {key}; is it a policy rather than a reward model?")
+    model = Model(saved.hparams, heads=("reward",))
+    trained_models.load_into(model, saved.tensors, folder)
+    reward_model = RewardModel(model, encodings.get(saved.encoding))
+    with torch.no_grad():
+        reward_model.gain.copy_(saved.tensors["reward_norm.gain"])
+        reward_model.bias.copy_(saved.tensors["reward_norm.bias"])
+    return reward_model.to(device)

@@ -1,0 +1,246 @@
+"""Reward model training from human labels (SPEC §6): `./launch.py train_reward ...`."""
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lm_human_preferences import label_types, labels as label_files, lm_tasks
+from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModel, reward_stats
+from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
+from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.tf_adam import TFAdam
+
+
+@dataclass
+class LabelHParams(hyperparams.HParams):
+    type: Optional[str] = None
+    num_train: Optional[int] = None
+    source: Optional[str] = None
+
+
+@dataclass
+class RunHParams(hyperparams.HParams):
+    seed: Optional[int] = None
+    log_interval: int = 10
+    save_interval: int = 50
+    save_dir: Optional[str] = None
+
+
+@dataclass
+class HParams(hyperparams.HParams):
+    run: RunHParams = field(default_factory=RunHParams)
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+    labels: LabelHParams = field(default_factory=LabelHParams)
+    batch_size: int = 40  # global, across ranks
+    lr: float = 5e-5
+    rollout_batch_size: int = 64  # global, across ranks
+    normalize_samples: int = 0  # samples used to measure the reward's mean and std
+    debug_normalize: int = 0  # samples used to check the normalization (0: no check)
+    normalize_before: bool = False
+    normalize_after: bool = False
+
+    def validate(self, _prefix: str = "") -> None:
+        super().validate(_prefix)
+        for name in ("type", "num_train", "source"):
+            if getattr(self.labels, name) is None:
+                raise UserError(f"hparam {_prefix}labels.{name} must be set")
+        label_types.get(self.labels.type)
+        world = distributed.world_size()
+        if self.labels.num_train <= 0 or self.batch_size <= 0:
+            raise UserError(f"{_prefix}labels.num_train and {_prefix}batch_size must be positive")
+        if self.labels.num_train % self.batch_size:
+            raise UserError(f"labels.num_train={self.labels.num_train} is not divisible by "
+                            f"batch_size={self.batch_size}; change one of them")
+        if self.batch_size % world or self.rollout_batch_size % world:
+            raise UserError(f"batch_size={self.batch_size} and rollout_batch_size={self.rollout_batch_size} "
+                            f"must be divisible by the number of ranks ({world})")
+        if (self.normalize_before or self.normalize_after) and self.normalize_samples <= 0:
+            raise UserError("normalize_before/normalize_after need normalize_samples > 0")
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """The run's seed: as given, or drawn on rank 0 and shared with every rank."""
+    return distributed.broadcast_object(seed if seed is not None else random.randrange(2 ** 31))
+
+
+class RewardModelTrainer:
+    def __init__(self, reward_model: RewardModel, policy: Policy, hp: HParams, seed: int):
+        self.reward_model = reward_model
+        self.policy = policy
+        self.hp = hp
+        self.label_type = label_types.get(hp.labels.type)
+        device = reward_model.device
+        self.generator = torch.Generator(device).manual_seed(seed + distributed.rank() * 100003)
+        self.queries = lm_tasks.query_batches(
+            hp.task, reward_model.encoding, core.exact_div(hp.rollout_batch_size, distributed.world_size()),
+            seed=seed, rank=distributed.rank(), world=distributed.world_size(), device=device)
+
+    def sample_rewards(self, n_samples: int) -> torch.Tensor:
+        """Rewards of the initial policy's (truncated) responses: ceil(n / rollout_batch_size) global batches."""
+        rewards = []
+        for _ in range(core.ceil_div(n_samples, self.hp.rollout_batch_size)):
+            queries = next(self.queries)
+            responses = self.policy.respond(queries, self.hp.task.response_length, self.generator)["responses"]
+            responses = lm_tasks.postprocess_responses(self.hp.task, responses, self.policy.encoding.padding_token)
+            with torch.no_grad():
+                rewards.append(self.reward_model(queries, responses).float())
+        return torch.cat(rewards)
+
+    def normalize(self, target_mean: float, target_std: float) -> dict[str, float]:
+        """Reset gain/bias, measure rewards on fresh samples, set gain/bias to hit the target."""
+        self.reward_model.reset_norm()
+        mean, std = reward_stats(self.sample_rewards(self.hp.normalize_samples))
+        self.reward_model.set_norm(mean, std, target_mean, target_std)
+        stats = dict(mean_before=mean, std_before=std, target_mean=target_mean, target_std=target_std,
+                     gain=self.reward_model.gain.item(), bias=self.reward_model.bias.item())
+        if self.hp.debug_normalize:
+            stats["mean_after"], stats["std_after"] = reward_stats(self.sample_rewards(self.hp.debug_normalize))
+        logging.print_main("reward normalization:", logging.format_stats(stats))
+        return stats
+
+    def rewards_of(self, batch: label_files.Labels) -> torch.Tensor:
+        """Rewards [batch, num_responses] for every response of every record, in one forward."""
+        device = self.reward_model.device
+        keys = self.label_type.response_keys
+        queries = torch.as_tensor(batch.columns["query"], device=device).long()
+        responses = torch.stack([torch.as_tensor(batch.columns[k], device=device).long() for k in keys], dim=1)
+        n, r = len(queries), len(keys)
+        rewards = self.reward_model(queries.repeat_interleave(r, dim=0), responses.reshape(n * r, -1))
+        return rewards.view(n, r)
+
+    def train(self, train_labels: label_files.Labels, seed: int, scalar_log: logging.ScalarLog) -> dict[str, float]:
+        """One pass over the labels in a permutation shared by all ranks; linear lr decay to 0."""
+        hp = self.hp
+        num_train, world, rank = hp.labels.num_train, distributed.world_size(), distributed.rank()
+        per_rank = core.exact_div(hp.batch_size, world)
+        order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed)).numpy()
+        params = list(self.reward_model.parameters())
+        optimizer = TFAdam(params, lr=hp.lr, eps=1e-5)
+        label_key = self.label_type.label_key
+        stats: dict[str, float] = {}
+        with logging.progress(num_train // hp.batch_size, "reward model", "batch") as bar:
+            for step, start in enumerate(range(0, num_train, hp.batch_size)):
+                optimizer.set_lr(hp.lr * (1 - start / num_train))
+                batch = train_labels[order[start + rank * per_rank:start + (rank + 1) * per_rank]]
+                labels = torch.as_tensor(batch.columns[label_key], device=self.reward_model.device)
+                loss, batch_stats = self.label_type.loss(self.rewards_of(batch), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average_gradients(params)
+                optimizer.step()
+                stats = {f"train/{k}": v.item() for k, v in _mean_over_ranks(batch_stats).items()}
+                stats["train/lr"] = optimizer.param_groups[0]["lr"]
+                scalar_log.scalars(stats, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['train/loss']:.4f}")
+                if step % hp.run.log_interval == 0:
+                    logging.print_main(f"batch {step}:", logging.format_stats(stats))
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, heldout: label_files.Labels) -> dict[str, float]:
+        """Held-out metrics from sums over every rank's share: accuracy (best_of_N) or MSE and r."""
+        rank, world = distributed.rank(), distributed.world_size()
+        shard = heldout[np.arange(rank, len(heldout), world)]
+        per_rank = max(1, self.hp.batch_size // world)
+        sums = torch.zeros(7, dtype=torch.float64, device=self.reward_model.device)
+        label_key = self.label_type.label_key
+        for start in range(0, len(shard), per_rank):
+            batch = shard[start:start + per_rank]
+            rewards = self.rewards_of(batch).double()
+            labels = torch.as_tensor(batch.columns[label_key], device=rewards.device)
+            if isinstance(self.label_type, label_types.BestOfN):
+                x = (rewards.argmax(dim=1) == labels).double()
+                y = torch.zeros_like(x)
+            else:
+                x = labels.double()
+                y = rewards[:, 0] if rewards.shape[1] == 1 else rewards[:, 1] - rewards[:, 0]
+            sums += torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                                 x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), ((x - y) ** 2).sum()])
+        n, sx, sy, sxx, syy, sxy, sse = distributed.all_reduce_sum(sums).tolist()
+        if isinstance(self.label_type, label_types.BestOfN):
+            return dict(count=int(n), accuracy=sx / n, chance=1 / len(self.label_type.response_keys))
+        cov, vx, vy = sxy / n - sx * sy / n ** 2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+        corr = cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else 0.0
+        return dict(count=int(n), mse=sse / n, corr=corr)
+
+
+def _mean_over_ranks(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = list(stats)
+    values = distributed.all_reduce_mean(torch.stack([stats[n].detach().float() for n in names]))
+    return dict(zip(names, values))
+
+
+def target_moments(label_type: label_types.LabelType, train_labels: label_files.Labels) -> tuple[float, float]:
+    """Mean and population std that normalized rewards should have, from the training labels."""
+    scales = label_type.target_scales(train_labels.columns[label_type.label_key].astype(np.float64))
+    if scales is None:
+        return 0.0, 1.0
+    return float(np.mean(scales)), float(np.std(scales))
+
+
+def load_labels(hp: HParams, encoding: encodings.Encoding) -> tuple[label_files.Labels, label_files.Labels]:
+    """(training labels, held-out labels); rank 0 downloads the file first, the others then read it."""
+    def read():
+        return label_files.load(hp.labels.source, label_types.get(hp.labels.type), hp.task.query_length,
+                                hp.task.response_length, label_files.Vocabulary(encoding.n_vocab, encoding.padding_token))
+
+    if distributed.is_main():
+        everything = read()
+    distributed.barrier()
+    if not distributed.is_main():
+        everything = read()
+    return label_files.split(everything, hp.labels.num_train, hp.labels.source)
+
+
+def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: int) -> None:
+    if distributed.is_main():
+        trained_models.save_checkpoint(save_dir / "reward_model", reward_model.model.hparams, encoding_name,
+                                       reward_model.state_tensors(), step)
+
+
+def train(hp: HParams) -> dict:
+    """Train a reward model per `hp`; returns a summary (final train stats, held-out metrics)."""
+    hp.validate()
+    device = distributed.device()
+    seed = resolve_seed(hp.run.seed)
+    torch.manual_seed(seed)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if save_dir is not None and distributed.is_main():
+        storage.atomic_write_text(save_dir / "train_reward_hparams.json", hp.to_json())
+
+    model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("reward",), device=device)
+    encoding = encodings.get(encoding_name)
+    reward_model = RewardModel(model, encoding)
+    distributed.broadcast_module(reward_model)
+    ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
+    policy = Policy(ref_model.eval(), encoding, hp.task)
+    label_type = label_types.get(hp.labels.type)
+    train_labels, heldout = load_labels(hp, encoding)
+
+    trainer = RewardModelTrainer(reward_model, policy, hp, seed)
+    scalar_log = logging.ScalarLog(save_dir / "tb" / "reward_model" if save_dir else None)
+    summary: dict = {}
+    if hp.normalize_before:
+        summary["normalize_before"] = trainer.normalize(*target_moments(label_type, train_labels))
+    summary["train"] = trainer.train(train_labels, seed, scalar_log)
+    if hp.normalize_after:
+        summary["normalize_after"] = trainer.normalize(0.0, 1.0)
+    if len(heldout):
+        summary["heldout"] = trainer.evaluate(heldout)
+        logging.print_main("held-out:", logging.format_stats(summary["heldout"]))
+        scalar_log.scalars({f"heldout/{k}": v for k, v in summary["heldout"].items()}, hp.labels.num_train // hp.batch_size)
+    scalar_log.close()
+    if save_dir is not None:
+        save(reward_model, encoding_name, save_dir, hp.labels.num_train // hp.batch_size)
+        if distributed.is_main():
+            storage.atomic_write_text(save_dir / "train_reward_summary.json", json.dumps(summary, indent=2))
+    distributed.barrier()
+    return summary
