@@ -20,17 +20,24 @@ class Policy:
     def device(self) -> torch.device:
         return self.model.wte.weight.device
 
-    def respond(self, queries: torch.Tensor, length: int, generator: torch.Generator | None = None) -> dict:
+    def respond(self, queries: torch.Tensor, length: int, generator: torch.Generator | None = None,
+                chunk_size: int | None = None) -> dict:
         """Sample `length` response tokens for queries [batch, query_length].
 
         Returns responses [batch, length], their log-probs under logits / temperature, and
-        (with a value head) the value at the position that chose each token.
+        (with a value head) the value at the position that chose each token. Rows are sampled
+        `chunk_size` at a time; the random numbers are drawn for the whole batch first, so
+        the result does not depend on the chunking.
         """
-        context = self.format_queries(queries)
-        with distributed.autocast(self.device):
-            samples = sample.sample(self.model, context, length, padding_token=self.encoding.padding_token,
-                                    temperature=self.temperature, generator=generator)
-        return dict(responses=samples.tokens, logprobs=samples.logprobs, values=samples.values.get("value"))
+        noise = torch.rand(queries.shape[0], length, generator=generator, device=self.device)
+
+        def respond_chunk(queries: torch.Tensor, noise: torch.Tensor) -> dict:
+            with distributed.autocast(self.device):
+                samples = sample.sample(self.model, self.format_queries(queries), length, noise=noise,
+                                        padding_token=self.encoding.padding_token, temperature=self.temperature)
+            return dict(responses=samples.tokens, logprobs=samples.logprobs, values=samples.values.get("value"))
+
+        return core.map_chunks(respond_chunk, chunk_size, queries, noise)
 
     def analyze_responses(self, queries: torch.Tensor, responses: torch.Tensor) -> dict:
         """Log-probs, entropies and values of given responses, as when they were sampled.

@@ -31,6 +31,10 @@ class RunHParams(hyperparams.HParams):
     log_interval: int = 10
     save_interval: int = 50
     save_dir: Optional[str] = None
+    # Memory knob: at most this many sequences per forward pass when sampling, scoring and
+    # computing gradients (micro-batches, gradients accumulated). None: whole batches at once.
+    # Results are the same, up to float rounding, for any value.
+    chunk_size: Optional[int] = 64
 
 
 @dataclass
@@ -63,6 +67,8 @@ class HParams(hyperparams.HParams):
                             f"must be divisible by the number of ranks ({world})")
         if (self.normalize_before or self.normalize_after) and self.normalize_samples <= 0:
             raise UserError("normalize_before/normalize_after need normalize_samples > 0")
+        if self.run.chunk_size is not None and self.run.chunk_size <= 0:
+            raise UserError(f"run.chunk_size must be positive or None, got {self.run.chunk_size}")
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -87,10 +93,12 @@ class RewardModelTrainer:
         rewards = []
         for _ in range(core.ceil_div(n_samples, self.hp.rollout_batch_size)):
             queries = next(self.queries)
-            responses = self.policy.respond(queries, self.hp.task.response_length, self.generator)["responses"]
-            responses = lm_tasks.postprocess_responses(self.hp.task, responses, self.policy.encoding.padding_token)
+            chunk_size = self.hp.run.chunk_size
+            responses = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk_size)
+            responses = lm_tasks.postprocess_responses(self.hp.task, responses["responses"],
+                                                       self.policy.encoding.padding_token)
             with torch.no_grad():
-                rewards.append(self.reward_model(queries, responses).float())
+                rewards.append(core.map_chunks(self.reward_model, chunk_size, queries, responses).float())
         return torch.cat(rewards)
 
     def normalize(self, target_mean: float, target_std: float) -> dict[str, float]:
@@ -130,9 +138,8 @@ class RewardModelTrainer:
                 optimizer.set_lr(hp.lr * (1 - start / num_train))
                 batch = train_labels[order[start + rank * per_rank:start + (rank + 1) * per_rank]]
                 labels = torch.as_tensor(batch.columns[label_key], device=self.reward_model.device)
-                loss, batch_stats = self.label_type.loss(self.rewards_of(batch), labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                batch_stats = self.accumulate_gradients(batch, labels)
                 distributed.average_gradients(params)
                 optimizer.step()
                 stats = {f"train/{k}": v.item() for k, v in _mean_over_ranks(batch_stats).items()}
@@ -144,12 +151,30 @@ class RewardModelTrainer:
                     logging.print_main(f"batch {step}:", logging.format_stats(stats))
         return stats
 
+    def accumulate_gradients(self, batch: label_files.Labels, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backpropagate the batch's loss in micro-batches of ≤ chunk_size sequences.
+
+        Every loss is a mean over records, so a micro-batch's loss weighted by its share of the
+        records gives the same gradient as the whole batch. Stats are computed on all rewards.
+        """
+        n = len(labels)
+        per_chunk = max(1, (self.hp.run.chunk_size or n * len(self.label_type.response_keys))
+                        // len(self.label_type.response_keys))
+        all_rewards = []
+        for start in range(0, n, per_chunk):
+            rewards = self.rewards_of(batch[start:start + per_chunk])
+            loss, _ = self.label_type.loss(rewards, labels[start:start + per_chunk])
+            (loss * len(rewards) / n).backward()
+            all_rewards.append(rewards.detach())
+        _, stats = self.label_type.loss(torch.cat(all_rewards), labels)
+        return stats
+
     @torch.no_grad()
     def evaluate(self, heldout: label_files.Labels) -> dict[str, float]:
         """Held-out metrics from sums over every rank's share: accuracy (best_of_N) or MSE and r."""
         rank, world = distributed.rank(), distributed.world_size()
         shard = heldout[np.arange(rank, len(heldout), world)]
-        per_rank = max(1, self.hp.batch_size // world)
+        per_rank = max(1, (self.hp.run.chunk_size or self.hp.batch_size) // len(self.label_type.response_keys))
         sums = torch.zeros(7, dtype=torch.float64, device=self.reward_model.device)
         label_key = self.label_type.label_key
         for start in range(0, len(shard), per_rank):
@@ -206,8 +231,8 @@ def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: in
                                        reward_model.state_tensors(), step)
 
 
-def train(hp: HParams) -> dict:
-    """Train a reward model per `hp`; returns a summary (final train stats, held-out metrics)."""
+def train(hp: HParams) -> tuple[RewardModel, dict]:
+    """Train a reward model per `hp`; returns it and a summary (final train stats, held-out metrics)."""
     hp.validate()
     device = distributed.device()
     seed = resolve_seed(hp.run.seed)
@@ -243,4 +268,4 @@ def train(hp: HParams) -> dict:
         if distributed.is_main():
             storage.atomic_write_text(save_dir / "train_reward_summary.json", json.dumps(summary, indent=2))
     distributed.barrier()
-    return summary
+    return reward_model, summary

@@ -52,7 +52,7 @@ def synthetic_labels(path, n, label_type="best_of_4", seed=0):
 def test_end_to_end_saves_the_layout(tmp_path, label_type):
     source = synthetic_labels(tmp_path / "labels.json", 48, label_type)
     hp = hparams(tmp_path, labels={"type": label_type, "source": source})
-    summary = train_reward.train(hp)
+    _, summary = train_reward.train(hp)
     save = tmp_path / "save"
     assert train_reward.HParams.from_json((save / "train_reward_hparams.json").read_text()) == hp
     folder = save / "reward_model"
@@ -79,7 +79,7 @@ def test_normalize_before_hits_label_target(tmp_path):
     source = synthetic_labels(tmp_path / "labels.json", 32, "scalar_rating")
     hp = hparams(tmp_path, labels={"type": "scalar_rating", "source": source}, lr=0.0,
                  normalize_before=True, normalize_samples=8, debug_normalize=0)
-    summary = train_reward.train(hp)
+    _, summary = train_reward.train(hp)
     scores = np.array([r["score"] for r in json.loads((tmp_path / "labels.json").read_text())])
     norm = summary["normalize_before"]
     assert norm["target_mean"] == pytest.approx(scores.mean())
@@ -91,7 +91,7 @@ def test_normalize_before_hits_label_target(tmp_path):
 
 def test_normalize_before_and_after(tmp_path):
     hp = hparams(tmp_path, normalize_before=True, normalize_after=True, normalize_samples=8, debug_normalize=8)
-    summary = train_reward.train(hp)
+    _, summary = train_reward.train(hp)
     assert summary["normalize_before"]["target_mean"] == 0 and summary["normalize_before"]["target_std"] == 1
     after = summary["normalize_after"]
     tensors = load_file(tmp_path / "save" / "reward_model" / "checkpoints" / "model-0000004.safetensors")
@@ -121,7 +121,7 @@ def test_set_norm_reaches_target_on_fixed_sample():
 def test_learns_a_learnable_rule(tmp_path):
     source = synthetic_labels(tmp_path / "labels.json", 1500)
     hp = hparams(labels={"num_train": 1200, "source": source}, batch_size=16, lr=3e-3)
-    summary = train_reward.train(hp)
+    _, summary = train_reward.train(hp)
     heldout = summary["heldout"]
     assert heldout["count"] > 250
     assert heldout["accuracy"] > 0.7, heldout  # chance is 0.25

@@ -31,17 +31,26 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def sample(model: Model, context: torch.Tensor, length: int, *, padding_token: int | None,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> Samples:
-    """Sample `length` tokens after `context` [batch, context_len] (which may contain padding)."""
+           generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Samples:
+    """Sample `length` tokens after `context` [batch, context_len] (which may contain padding).
+
+    Each token is drawn by inverting the CDF at a uniform number, one per row and step:
+    `noise` [batch, length] if given, else drawn from `generator`. Giving every row its own
+    numbers makes the samples of a row independent of how the batch is split into chunks.
+    """
     batch, context_len = context.shape
+    if noise is None:
+        noise = torch.rand(batch, length, generator=generator, device=generator.device if generator else "cpu")
+    noise = noise.to(context.device)
     cache = model.new_cache(batch, context_len + length)
     out = model(context, padding_token, cache=cache, output_slice=slice(-1, None))
     tokens, logprobs = [], []
     values: dict[str, list[torch.Tensor]] = {name: [] for name in out.heads}
     for step in range(length):
         logits = out.logits[:, -1].float() / temperature
-        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
+        cdf = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1).cumsum(dim=-1)
+        token = (cdf <= noise[:, step:step + 1] * cdf[:, -1:]).sum(dim=-1, keepdim=True)  # [batch, 1]
+        token = token.clamp(max=logits.shape[-1] - 1)
         tokens.append(token)
         logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, token))
         for name, head in out.heads.items():

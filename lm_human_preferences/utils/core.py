@@ -1,5 +1,7 @@
 """Small numeric helpers shared by reward and policy training."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,18 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def map_chunks(fn: Callable, chunk_size: int | None, *tensors: torch.Tensor):
+    """fn over row-chunks of `tensors` (at most chunk_size rows each), outputs concatenated.
+
+    `fn` returns a tensor, or a dict of tensors (None values stay None). Bounds peak memory
+    on large batches; with chunk_size None (or ≥ the batch) it is a single call.
+    """
+    rows = tensors[0].shape[0]
+    if not chunk_size or chunk_size >= rows:
+        return fn(*tensors)
+    outputs = [fn(*(t[i:i + chunk_size] for t in tensors)) for i in range(0, rows, chunk_size)]
+    if isinstance(outputs[0], dict):
+        return {k: None if outputs[0][k] is None else torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+    return torch.cat(outputs)

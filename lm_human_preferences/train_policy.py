@@ -1,0 +1,362 @@
+"""PPO fine-tuning of a policy against a reward model (SPEC §7): `./launch.py train_policy ...`."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lm_human_preferences import lm_tasks, rewards, train_reward
+from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
+from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.tf_adam import TFAdam
+
+RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (queries, responses) -> scores [batch]
+
+
+@dataclass
+class AdaptiveKLParams(hyperparams.HParams):
+    target: Optional[float] = None
+    horizon: int = 10000  # in episodes
+
+
+@dataclass
+class RewardHParams(hyperparams.HParams):
+    kl_coef: float = 0.2
+    adaptive_kl: Optional[AdaptiveKLParams] = None
+    trained_model: Optional[str] = None
+    train_new_model: Optional[train_reward.HParams] = None
+
+
+@dataclass
+class PpoHParams(hyperparams.HParams):
+    total_episodes: int = 2000000
+    batch_size: int = 64  # global, across ranks
+    nminibatches: int = 1
+    noptepochs: int = 4
+    lr: float = 5e-6
+    vf_coef: float = 0.1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = True
+
+
+@dataclass
+class HParams(hyperparams.HParams):
+    run: train_reward.RunHParams = field(default_factory=train_reward.RunHParams)
+    task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
+    rewards: RewardHParams = field(default_factory=RewardHParams)
+    ppo: PpoHParams = field(default_factory=PpoHParams)
+
+    def validate(self, _prefix: str = "") -> None:
+        if (self.rewards.trained_model is None) == (self.rewards.train_new_model is None):
+            raise UserError("set exactly one of rewards.trained_model (a reward model to load) and "
+                            "rewards.train_new_model (train one first); e.g. --rewards.train_new_model off")
+        super().validate(_prefix)
+        new = self.rewards.train_new_model
+        if new is not None and new.task != self.task:
+            differ = [k for k, v in self.task.to_nested_dict().items() if new.task.to_nested_dict()[k] != v]
+            raise UserError(f"rewards.train_new_model.task differs from task in {', '.join(differ)}; "
+                            "the reward model must be trained on the policy's task")
+        if self.rewards.adaptive_kl is not None and not (self.rewards.adaptive_kl.target or 0) > 0:
+            raise UserError("rewards.adaptive_kl needs a positive target, e.g. --rewards.adaptive_kl.target 6.0")
+        world = distributed.world_size()
+        ppo = self.ppo
+        if ppo.batch_size % (world * ppo.nminibatches):
+            raise UserError(f"ppo.batch_size={ppo.batch_size} must be divisible by ranks ({world}) × "
+                            f"ppo.nminibatches ({ppo.nminibatches})")
+        minibatch = ppo.batch_size // (world * ppo.nminibatches)
+        if ppo.whiten_rewards and minibatch < 8:
+            raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
+                            "(raise ppo.batch_size, lower ppo.nminibatches or ranks, or set ppo.whiten_rewards off)")
+        if self.run.chunk_size is not None and self.run.chunk_size <= 0:
+            raise UserError(f"run.chunk_size must be positive or None, got {self.run.chunk_size}")
+
+    @property
+    def total_updates(self) -> int:
+        return core.ceil_div(self.ppo.total_episodes, self.ppo.batch_size)
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """coef *= 1 + clip(kl / target − 1, −0.2, 0.2) · n_steps / horizon."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current: float, n_steps: int) -> None:
+        proportional_error = float(np.clip(current / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+def kl_controller(hp: RewardHParams):
+    if hp.adaptive_kl is None:
+        return FixedKLController(hp.kl_coef)
+    return AdaptiveKLController(hp.kl_coef, hp.adaptive_kl.target, hp.adaptive_kl.horizon)
+
+
+def make_score_fn(task: lm_tasks.TaskHParams, reward_fn: RewardFn, padding_token: int,
+                  chunk_size: int | None = None) -> Callable:
+    """(queries, responses) → (scores, postprocessed responses).
+
+    Responses are truncated after the truncate token; those without one get
+    `penalty_reward_value` instead of the reward model's score.
+    """
+    def score_fn(queries: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        postprocessed = lm_tasks.postprocess_responses(task, responses, padding_token)
+        with torch.no_grad():
+            scores = core.map_chunks(reward_fn, chunk_size, queries, postprocessed).float()
+        penalty = torch.full_like(scores, task.penalty_reward_value)
+        return torch.where(lm_tasks.has_truncate_token(task, postprocessed), scores, penalty), postprocessed
+
+    return score_fn
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                    kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards −kl_coef · (logprob − ref_logprob), plus the score at the last token."""
+    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
+    rewards = non_score_reward.clone()
+    rewards[:, -1] += scores
+    return rewards, non_score_reward
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float,
+                           whiten_rewards: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the response tokens. Returns (whitened advantages, returns = advantages + values)."""
+    if whiten_rewards:
+        rewards = core.whiten(rewards, shift_mean=False)
+    length = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    return core.whiten(advantages), returns
+
+
+def ppo_loss(old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
+             returns: torch.Tensor, logprobs: torch.Tensor, vpred: torch.Tensor, entropies: torch.Tensor,
+             ppo: PpoHParams) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO loss pg + vf_coef · vf over [batch, response_length] tensors.
+
+    Every stat is a mean over elements, so stats of equal-sized row chunks average exactly.
+    """
+    vpredclipped = torch.clamp(vpred, old_values - ppo.cliprange_value, old_values + ppo.cliprange_value)
+    vf_losses1 = (vpred - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
+    vf_clipfrac = (vf_losses2 > vf_losses1).float().mean()
+
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - ppo.cliprange, 1.0 + ppo.cliprange)
+    pg_loss = torch.max(pg_losses, pg_losses2).mean()
+    pg_clipfrac = (pg_losses2 > pg_losses).float().mean()
+
+    loss = pg_loss + ppo.vf_coef * vf_loss
+    stats = {
+        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
+        "ppo/policy/entropy": entropies.mean(), "ppo/policy/approxkl": 0.5 * (logratio ** 2).mean(),
+        "ppo/policy/clipfrac": pg_clipfrac,
+        "ppo/val/vpred": vpred.mean(), "ppo/val/error": ((vpred - returns) ** 2).mean(), "ppo/val/clipfrac": vf_clipfrac,
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def minibatch_stats(returns: torch.Tensor, old_values: torch.Tensor, vpred: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stats that are not element means: moments of returns and values, variance explained."""
+    return {
+        "ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
+        "ppo/val/mean": old_values.mean(), "ppo/val/var": old_values.var(unbiased=False),
+        "ppo/val/var_explained": 1 - (returns - vpred).var(unbiased=False) / returns.var(unbiased=False).clamp(min=1e-8),
+    }
+
+
+class PPOTrainer:
+    """One `step()` = sample a batch of rollouts, score them, then noptepochs of PPO on it."""
+
+    def __init__(self, policy: Policy, ref_policy: Policy, reward_fn: RewardFn, hp: HParams, seed: int):
+        self.policy = policy
+        self.ref_policy = ref_policy
+        self.hp = hp
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.batch_size = core.exact_div(hp.ppo.batch_size, self.world)  # this rank's rollouts per update
+        self.minibatch_size = core.exact_div(self.batch_size, hp.ppo.nminibatches)
+        self.generator = torch.Generator(policy.device).manual_seed(seed + self.rank * 100003)
+        self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size, seed=seed, rank=self.rank,
+                                              world=self.world, device=policy.device)
+        self.score_fn = make_score_fn(hp.task, reward_fn, policy.encoding.padding_token, hp.run.chunk_size)
+        self.kl_ctl = kl_controller(hp.rewards)
+        self.params = [p for p in policy.model.parameters() if p.requires_grad]
+        self.optimizer = TFAdam(self.params, lr=hp.ppo.lr, eps=1e-5)
+
+    @torch.no_grad()
+    def rollouts(self) -> dict[str, torch.Tensor]:
+        """Sample, score and reward one batch (SPEC §7 steps 1–4)."""
+        chunk = self.hp.run.chunk_size
+        queries = next(self.queries)
+        rollouts = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
+        responses = rollouts["responses"]
+        ref_logprobs = core.map_chunks(self.ref_policy.analyze_responses, chunk, queries, responses)["logprobs"]
+        scores, postprocessed = self.score_fn(queries, responses)
+        rewards, non_score_reward = compute_rewards(scores, rollouts["logprobs"], ref_logprobs, self.kl_ctl.value)
+        return dict(queries=queries, responses=responses, postprocessed=postprocessed, logprobs=rollouts["logprobs"],
+                    ref_logprobs=ref_logprobs, values=rollouts["values"].float(), scores=scores, rewards=rewards,
+                    non_score_reward=non_score_reward)
+
+    def train_minibatch(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gradient step on one minibatch, accumulated over micro-batches of ≤ chunk_size rows."""
+        ppo = self.hp.ppo
+        with torch.no_grad():
+            advantages, returns = advantages_and_returns(mb["rewards"], mb["values"], ppo.gamma, ppo.lam,
+                                                         ppo.whiten_rewards)
+        rows = len(advantages)
+        chunk = self.hp.run.chunk_size or rows
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, torch.Tensor] = {}
+        vpreds = []
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            out = self.policy.analyze_responses(mb["queries"][part], mb["responses"][part])
+            loss, chunk_stats = ppo_loss(mb["logprobs"][part], mb["values"][part], advantages[part], returns[part],
+                                         out["logprobs"], out["values"].float(), out["entropies"], ppo)
+            weight = len(advantages[part]) / rows
+            (loss * weight).backward()
+            for k, v in chunk_stats.items():
+                stats[k] = stats.get(k, 0.0) + v * weight
+            vpreds.append(out["values"].detach().float())
+        distributed.average_gradients(self.params)
+        self.optimizer.step()
+        stats.update(minibatch_stats(returns, mb["values"], torch.cat(vpreds)))
+        return stats
+
+    def step(self, update: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One PPO update; returns its stats (averaged over ranks) and the rollouts."""
+        hp = self.hp
+        self.optimizer.set_lr(hp.ppo.lr * (1 - update / hp.total_updates))
+        rollouts = self.rollouts()
+        train_keys = ("queries", "responses", "logprobs", "values", "rewards")
+        ppo_stats: list[dict[str, torch.Tensor]] = []
+        for _ in range(hp.ppo.noptepochs):
+            order = torch.randperm(self.batch_size, generator=self.generator, device=self.generator.device)
+            for start in range(0, self.batch_size, self.minibatch_size):
+                index = order[start:start + self.minibatch_size].to(self.policy.device)
+                ppo_stats.append(self.train_minibatch({k: rollouts[k][index] for k in train_keys}))
+        kl = (rollouts["logprobs"] - rollouts["ref_logprobs"]).sum(1)
+        local = {
+            "objective/kl": kl.mean(),
+            "objective/entropy": (-rollouts["logprobs"]).sum(1).mean(),
+            "objective/score": rollouts["scores"].mean(),
+            "objective/score_total": rollouts["non_score_reward"].sum(1).mean() + rollouts["scores"].mean(),
+        }
+        local.update({k: torch.stack([s[k] for s in ppo_stats]).mean() for k in ppo_stats[0]})
+        names = list(local)
+        means = distributed.all_reduce_mean(torch.stack([local[k].float() for k in names]))
+        stats = dict(zip(names, means.tolist()))
+        stats["objective/kl_coef"] = self.kl_ctl.value
+        self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
+        return stats, rollouts
+
+
+def print_samples(rollouts: dict[str, torch.Tensor], encoding: encodings.Encoding, kl_coef: float, n: int = 3) -> None:
+    kl = (rollouts["logprobs"] - rollouts["ref_logprobs"]).sum(1)
+    for i in range(min(n, len(kl))):
+        query = encoding.decode(rollouts["queries"][i].tolist()).replace("\n", "⏎")
+        response = encoding.decode(rollouts["postprocessed"][i].tolist()).replace("\n", "⏎")
+        score = rollouts["scores"][i].item()
+        logging.print_main(f"query: {query}\nresponse: {response}\n"
+                           f"score = {score:+.3f}, kl = {kl[i].item():.3f}, total = {score - kl_coef * kl[i].item():+.3f}")
+
+
+def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> None:
+    if distributed.is_main():
+        trained_models.save_checkpoint(save_dir / "policy", policy.model.hparams, encoding_name,
+                                       policy.model.state_dict(), update)
+
+
+def load_reward_fn(hp: HParams, device: torch.device) -> rewards.RewardModel:
+    """The reward model: trained first (rewards.train_new_model) or loaded (rewards.trained_model)."""
+    if hp.rewards.train_new_model is not None:
+        reward_hp = hp.rewards.train_new_model
+        reward_hp.run.save_dir = hp.run.save_dir
+        reward_model, _ = train_reward.train(reward_hp)
+    else:
+        if distributed.is_main():
+            rewards.load_trained(hp.rewards.trained_model)  # rank 0 downloads; the others then read the cache
+        distributed.barrier()
+        reward_model = rewards.load_trained(hp.rewards.trained_model, device)
+    reward_model.requires_grad_(False)
+    return reward_model.eval()
+
+
+def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
+    """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer)."""
+    hp.validate()
+    device = distributed.device()
+    seed = train_reward.resolve_seed(hp.run.seed)
+    torch.manual_seed(seed)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if save_dir is not None and distributed.is_main():
+        storage.atomic_write_text(save_dir / "train_policy_hparams.json", hp.to_json())
+
+    model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("value",), device=device)
+    encoding = encodings.get(encoding_name)
+    distributed.broadcast_module(model)
+    ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
+    distributed.broadcast_module(ref_model)
+    ref_model.requires_grad_(False)
+    policy, ref_policy = Policy(model, encoding, hp.task), Policy(ref_model.eval(), encoding, hp.task)
+    if reward_fn is None:
+        reward_fn = load_reward_fn(hp, device)
+        if reward_fn.encoding.name != encoding_name:
+            raise UserError(f"the reward model uses the {reward_fn.encoding.name!r} encoding but the policy "
+                            f"{hp.task.policy.initial_model!r} uses {encoding_name!r}; their tokens are not compatible")
+
+    trainer = PPOTrainer(policy, ref_policy, reward_fn, hp, seed)
+    scalar_log = logging.ScalarLog(save_dir / "tb" / "ppo" if save_dir else None)
+    started = time.time()
+    history: list[dict[str, float]] = []
+    with logging.progress(hp.total_updates, "ppo", "update") as bar:
+        for update in range(hp.total_updates):
+            stats, rollouts = trainer.step(update)
+            elapsed = time.time() - started
+            episodes = (update + 1) * hp.ppo.batch_size
+            stats.update({"elapsed/updates": update + 1, "elapsed/episodes": episodes,
+                          "elapsed/fps": episodes / elapsed, "elapsed/time": elapsed})
+            history.append(stats)
+            scalar_log.scalars(stats, update)
+            bar.update(1)
+            bar.set_postfix(eps=f"{stats['elapsed/fps']:.1f}/s", score=f"{stats['objective/score']:.3f}",
+                            kl=f"{stats['objective/kl']:.3f}")
+            if update % hp.run.log_interval == 0:
+                logging.print_main(f"update {update}:", logging.format_stats(stats))
+                print_samples(rollouts, encoding, stats["objective/kl_coef"])
+            if save_dir is not None and (update + 1) % hp.run.save_interval == 0:
+                save_policy(policy, encoding_name, save_dir, update + 1)
+    scalar_log.close()
+    if save_dir is not None:
+        save_policy(policy, encoding_name, save_dir, hp.total_updates)
+    distributed.barrier()
+    return policy, {"first": history[0], "last": history[-1], "history": history}
