@@ -291,6 +291,7 @@ def print_samples(rollouts: dict[str, torch.Tensor], encoding: encodings.Encodin
 
 
 def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> None:
+    distributed.check_replicas_equal(policy.model)
     if distributed.is_main():
         trained_models.save_checkpoint(save_dir / "policy", policy.model.hparams, encoding_name,
                                        policy.model.state_dict(), update)

@@ -226,6 +226,7 @@ def load_labels(hp: HParams, encoding: encodings.Encoding) -> tuple[label_files.
 
 
 def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: int) -> None:
+    distributed.check_replicas_equal(reward_model)
     if distributed.is_main():
         trained_models.save_checkpoint(save_dir / "reward_model", reward_model.model.hparams, encoding_name,
                                        reward_model.state_tensors(), step)

@@ -5,9 +5,24 @@ is not initialized. Rank 0 owns downloads, printing, TensorBoard and checkpoints
 """
 
 import contextlib
+import datetime
+import os
+import socket
+import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lm_human_preferences.utils.errors import UserError
+
+# Environment variables of launchers that start every rank themselves: (rank, world size, local rank).
+_LAUNCHERS = {
+    "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    "mpirun": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+}
 
 
 def is_initialized() -> bool:
@@ -99,3 +114,98 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def check_replicas_equal(module: torch.nn.Module) -> None:
+    """Fail loudly if data-parallel ranks hold different weights (they must stay identical)."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        checksum = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    gathered = all_gather_cat(checksum[None])
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-6, atol=1e-6):
+        raise RuntimeError("data-parallel ranks hold different weights; gradients were not averaged identically")
+
+
+def default_ranks() -> int:
+    """One rank per visible GPU, else 1."""
+    return max(1, torch.cuda.device_count())
+
+
+def external_launcher() -> tuple[str, int, int, int] | None:
+    """(launcher, rank, world, local rank) when torchrun, mpirun or Slurm started this process.
+
+    A Slurm job step of one task is treated as not launched (e.g. `srun python launch.py ...`
+    with --mpi N spawns the ranks itself).
+    """
+    for name, (rank_var, world_var, local_var) in _LAUNCHERS.items():
+        if rank_var in os.environ and world_var in os.environ:
+            world = int(os.environ[world_var])
+            if name == "slurm" and world == 1:
+                return None
+            return name, int(os.environ[rank_var]), world, int(os.environ.get(local_var, 0))
+    return None
+
+
+def _init(rank: int, world: int, local_rank: int, init_method: str) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: str) -> None:
+    """Entry point of a spawned rank: a UserError prints one line and exits 1."""
+    _init(index, world, index, init_method)
+    try:
+        fn(*args)
+    except UserError as e:
+        print(f"error (rank {index}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(fn: Callable, args: tuple, ranks: int) -> None:
+    """Run fn(*args) on `ranks` data-parallel ranks of this machine.
+
+    Under torchrun, mpirun or Slurm (rank and world size in the environment), this process is
+    one rank and nothing is spawned. Otherwise `ranks` processes are started; when one fails,
+    the others are stopped and a UserError names the failing rank.
+    """
+    launched = external_launcher()
+    if launched is not None:
+        name, rank, world, local_rank = launched
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise UserError(f"started by {name} as rank {rank} of {world}, but MASTER_ADDR/MASTER_PORT are not set; "
+                            "export them (the address and a free port of rank 0's host)")
+        _init(rank, world, local_rank, "env://")
+        try:
+            fn(*args)
+        finally:
+            dist.destroy_process_group()
+        return
+    if ranks == 1:
+        fn(*args)
+        return
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    context = mp.start_processes(_run_rank, args=(fn, args, ranks, init_method), nprocs=ranks, join=False,
+                                 start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        raise UserError(f"rank {e.error_index} failed (exit code {e.exit_code}); the other ranks were stopped") from None
+    except mp.ProcessRaisedException as e:
+        print(str(e), file=sys.stderr)
+        raise UserError(f"rank {e.error_index} failed with the error above; the other ranks were stopped") from None

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Train a reward model or a policy: ./launch.py {train_reward,train_policy} EXPERIMENT NAME [--flags]."""
+
+import sys
+
+from lm_human_preferences.cli import launch_entry
+
+if __name__ == "__main__":
+    sys.exit(launch_entry())

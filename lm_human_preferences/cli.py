@@ -1,0 +1,205 @@
+"""The original's command lines: `launch.py train_reward|train_policy ...` and `sample.py sample ...`."""
+
+import os
+import sys
+
+import torch
+
+from lm_human_preferences import experiments, lm_tasks, train_policy
+from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.utils import distributed, storage
+from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.hyperparams import all_keys
+
+LAUNCH_HELP = """\
+usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--mpi N] [--save_dir D] [--dry_run]
+                 [--<dotted.hparam> VALUE ...]
+
+Train a reward model from human labels (train_reward) or fine-tune a policy with PPO
+against one (train_policy), with the hyper-parameters of a named experiment.
+
+experiments:  train_reward: %(reward)s
+              train_policy: %(policy)s
+
+options:
+  --mpi N               data-parallel ranks on this machine (default: one per visible GPU, else 1);
+                        under torchrun, mpirun or Slurm the ranks come from the environment
+  --save_dir D          root folder for outputs; they go to D/NAME
+                        (default /tmp/save/train_reward or /tmp/save/train_policy)
+  --dry_run             print the resolved hyper-parameters and exit
+  --KEY VALUE, --KEY=VALUE
+                        override a hyper-parameter by its dotted key, e.g. --ppo.lr 1e-5;
+                        values are parsed by the field's type (on/off/true/false, none, 1e6);
+                        an optional group is switched with on/off: --rewards.adaptive_kl on.
+                        For train_policy, --task.* also applies to rewards.train_new_model.task.
+"""
+
+SAMPLE_HELP = """\
+usage: sample.py sample --save_dir D [--savescope policy] [--mpi N] [--temperature T] [--seed S]
+                        [--batch_size B] [--nsamples N]
+
+Sample from a policy trained by train_policy. D is its save folder (a path, https:// or
+gs:// URL) holding train_policy_hparams.json and SAVESCOPE/. Queries come from the task's
+test split. Each sample prints a line of 80 '=', the query, then the response (newlines as ⏎).
+
+options:
+  --savescope S    subfolder holding the policy (default: policy)
+  --mpi N          data-parallel ranks (default: one per visible GPU, else 1)
+  --temperature T  sampling temperature (default: the task's)
+  --seed S         random seed (default: random)
+  --batch_size B   queries per batch, across ranks (default: 4)
+  --nsamples N     samples to print; 0 samples forever (default: 0)
+"""
+
+
+def parse_flags(args: list[str], booleans: set[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs; keys in `booleans` may stand alone (meaning true)."""
+    flags: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if key in booleans and (i + 1 == len(args) or args[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise UserError(f"option --{key} needs a value")
+        flags[key] = value
+        i += 1
+    return flags
+
+
+def _parse_int(flags: dict[str, str], key: str, default: int | None) -> int | None:
+    if key not in flags:
+        return default
+    try:
+        return int(flags.pop(key))
+    except ValueError:
+        raise UserError(f"--{key} needs an integer") from None
+
+
+def _parse_bool(flags: dict[str, str], key: str) -> bool:
+    value = flags.pop(key, "false").lower()
+    if value not in ("true", "false", "1", "0", "on", "off"):
+        raise UserError(f"--{key} takes no value or true/false, got {value!r}")
+    return value in ("true", "1", "on")
+
+
+def resolve(mode: str, experiment: str, name: str, flags: dict[str, str]):
+    """The experiment's hparams with overrides applied and run.save_dir set."""
+    hp = experiments.get(mode, experiment)
+    save_root = flags.pop("save_dir", None) or f"/tmp/save/{mode}"
+    for key, value in flags.items():
+        hp.override_from_str(key, value)
+    if isinstance(hp, train_policy.HParams) and hp.rewards.train_new_model is not None:
+        for key, value in flags.items():  # the reward model is trained on the policy's task
+            if key.startswith("task."):
+                hp.rewards.train_new_model.override_from_str(key, value)
+    hp.run.save_dir = os.path.join(save_root, name)
+    hp.validate()
+    return hp
+
+
+def launch(args: list[str]) -> None:
+    if not args or "--help" in args or "-h" in args:
+        print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY)))
+        if not args:
+            raise UserError("give a mode, an experiment and a run name")
+        return
+    if len(args) < 3 or any(a.startswith("--") for a in args[:3]):
+        raise UserError("usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--flags] (see --help)")
+    mode, experiment, name = args[:3]
+    flags = parse_flags(args[3:], booleans={"dry_run"})
+    ranks = _parse_int(flags, "mpi", distributed.default_ranks())
+    dry_run = _parse_bool(flags, "dry_run")
+    hp = resolve(mode, experiment, name, flags)
+    print(f"{mode} {experiment} → {hp.run.save_dir}")
+    print(hp.to_json())
+    if dry_run:
+        return
+    train = experiments.train_function(mode)
+    distributed.run(train, (hp,), ranks)
+
+
+def _sample_rank(save_dir: str, savescope: str, temperature: float | None, seed: int | None, batch_size: int,
+                 nsamples: int) -> None:
+    hp_path = storage.join(save_dir, "train_policy_hparams.json")
+    hp = train_policy.HParams.from_json(storage.fetch(hp_path).read_text())
+    if temperature is not None:
+        hp.task.policy.temperature = temperature
+    device = distributed.device()
+    model, encoding_name = trained_models.load_initial(storage.join(save_dir, savescope), device=device)
+    encoding = encodings.get(encoding_name)
+    policy = Policy(model.eval(), encoding, hp.task)
+    seed = distributed.broadcast_object(seed if seed is not None else int(torch.randint(2 ** 31, ()).item()))
+    rank, world = distributed.rank(), distributed.world_size()
+    generator = torch.Generator(device).manual_seed(seed + rank * 100003)
+    per_rank = max(1, batch_size // world)
+    queries = lm_tasks.query_batches(hp.task, encoding, per_rank, mode="test", seed=seed, rank=rank, world=world,
+                                     device=device)
+    printed = 0
+    while True:
+        batch = next(queries)
+        responses = policy.respond(batch, hp.task.response_length, generator, hp.run.chunk_size)["responses"]
+        responses = lm_tasks.postprocess_responses(hp.task, responses, encoding.padding_token)
+        batch, responses = distributed.all_gather_cat(batch), distributed.all_gather_cat(responses)
+        for query, response in zip(batch.tolist(), responses.tolist()):
+            if nsamples and printed >= nsamples:
+                return
+            if distributed.is_main():
+                print("=" * 80)
+                print(encoding.decode(query).replace("\n", "⏎"))
+                print(encoding.decode(response).replace("\n", "⏎"), flush=True)
+            printed += 1
+
+
+def sample(args: list[str]) -> None:
+    if not args or "--help" in args or "-h" in args:
+        print(SAMPLE_HELP)
+        return
+    if args[0] != "sample":
+        raise UserError(f"unknown command {args[0]!r}; usage: sample.py sample --save_dir D (see --help)")
+    flags = parse_flags(args[1:], booleans=set())
+    if "save_dir" not in flags:
+        raise UserError("sample needs --save_dir (a train_policy save folder or URL)")
+    save_dir = flags.pop("save_dir")
+    savescope = flags.pop("savescope", "policy")
+    ranks = _parse_int(flags, "mpi", distributed.default_ranks())
+    seed = _parse_int(flags, "seed", None)
+    batch_size = _parse_int(flags, "batch_size", 4)
+    nsamples = _parse_int(flags, "nsamples", 0)
+    try:
+        temperature = float(flags.pop("temperature")) if "temperature" in flags else None
+    except ValueError:
+        raise UserError("--temperature needs a number") from None
+    if flags:
+        raise UserError(f"unknown option --{next(iter(flags))} (see --help)")
+    distributed.run(_sample_rank, (save_dir, savescope, temperature, seed, batch_size, nsamples), ranks)
+
+
+def main(command: str, args: list[str] | None = None) -> int:
+    """Run a command line; a UserError becomes one line on stderr and exit status 1."""
+    args = sys.argv[1:] if args is None else args
+    try:
+        {"launch": launch, "sample": sample}[command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def launch_entry() -> int:
+    return main("launch")
+
+
+def sample_entry() -> int:
+    return main("sample")

@@ -1,0 +1,137 @@
+"""The named experiments of SPEC §8 (the original's launch.py), as plain factories.
+
+`get("train_reward", name)` and `get("train_policy", name)` return fresh hparams.
+"""
+
+from collections.abc import Callable
+
+from lm_human_preferences import lm_tasks, train_policy, train_reward
+from lm_human_preferences.utils.errors import UserError
+
+LABELS = "gs://lm-human-preferences/labels"
+
+
+def books_task() -> lm_tasks.TaskHParams:
+    task = lm_tasks.TaskHParams(query_length=64, query_dataset="books", response_length=24, start_text=".",
+                                end_text=".", truncate_token=13, truncate_after=16)
+    task.policy.temperature = 0.7
+    task.policy.initial_model = "124M"
+    return task
+
+
+def cnndm_task() -> lm_tasks.TaskHParams:
+    task = lm_tasks.TaskHParams(query_length=500, query_dataset="cnndm", response_length=75,
+                                query_prefix="Article:\n\n", query_suffix="\n\nTL;DR:", start_text=None,
+                                end_text="\n", truncate_token=198, truncate_after=55)
+    task.policy.temperature = 0.5
+    task.policy.initial_model = "124M"
+    return task
+
+
+def tldr_task() -> lm_tasks.TaskHParams:
+    task = lm_tasks.TaskHParams(query_length=500, query_dataset="tldr", response_length=75,
+                                query_suffix="\n\nTL;DR:", start_text=None, truncate_token=198, truncate_after=55)
+    task.policy.temperature = 0.7
+    task.policy.initial_model = "124M"
+    return task
+
+
+def tiny_task() -> lm_tasks.TaskHParams:
+    """The tiny `test` model on random letters: for tests and a first run on any machine."""
+    task = lm_tasks.TaskHParams(query_length=2, query_dataset="test", response_length=3, start_text=None)
+    task.policy.initial_model = "test"
+    return task
+
+
+def _normalized_best_of_4(task: lm_tasks.TaskHParams, **fields) -> train_reward.HParams:
+    hp = train_reward.HParams(task=task, normalize_before=True, normalize_after=True, normalize_samples=256, **fields)
+    hp.labels.type = "best_of_4"
+    return hp
+
+
+def _books_reward(labels: str) -> train_reward.HParams:
+    hp = _normalized_best_of_4(books_task(), batch_size=32, rollout_batch_size=512)
+    hp.labels.source = f"{LABELS}/{labels}/offline_5k.json"
+    hp.labels.num_train = 4992
+    hp.run.seed = 1
+    return hp
+
+
+def _summarize_reward(task: lm_tasks.TaskHParams, labels: str) -> train_reward.HParams:
+    hp = _normalized_best_of_4(task, batch_size=16, lr=2.5e-5, rollout_batch_size=128)
+    hp.labels.source = f"{LABELS}/{labels}/online_45k.json"
+    hp.labels.num_train = 46000
+    return hp
+
+
+def _test_reward() -> train_reward.HParams:
+    hp = train_reward.HParams(task=tiny_task(), batch_size=8, rollout_batch_size=8, normalize_before=True,
+                              normalize_after=True, normalize_samples=16)
+    hp.labels.type, hp.labels.source, hp.labels.num_train = "best_of_4", "test", 48
+    hp.run.seed = 1
+    return hp
+
+
+TRAIN_REWARD: dict[str, Callable[[], train_reward.HParams]] = {
+    "sentiment": lambda: _books_reward("sentiment"),
+    "descriptiveness": lambda: _books_reward("descriptiveness"),
+    "cnndm": lambda: _summarize_reward(cnndm_task(), "cnndm"),
+    "tldr": lambda: _summarize_reward(tldr_task(), "tldr"),
+    "test": _test_reward,
+}
+
+
+def _books_policy(name: str) -> train_policy.HParams:
+    hp = train_policy.HParams(task=books_task())
+    hp.rewards.kl_coef = 0.15
+    hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
+    hp.rewards.train_new_model = TRAIN_REWARD[name]()
+    hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-5, 1_000_000, 512
+    hp.run.seed = 1
+    return hp
+
+
+def _summarize_policy(name: str, task: lm_tasks.TaskHParams, kl_coef: float) -> train_policy.HParams:
+    hp = train_policy.HParams(task=task)
+    hp.rewards.kl_coef = kl_coef
+    hp.rewards.train_new_model = TRAIN_REWARD[name]()
+    hp.ppo.total_episodes, hp.ppo.lr, hp.ppo.batch_size, hp.ppo.whiten_rewards = 1_000_000, 2e-6, 32, False
+    return hp
+
+
+def _test_policy() -> train_policy.HParams:
+    hp = train_policy.HParams(task=tiny_task())
+    hp.rewards.train_new_model = _test_reward()
+    hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=1.0)
+    hp.ppo.total_episodes, hp.ppo.batch_size, hp.ppo.lr = 256, 16, 1e-3
+    hp.run.seed, hp.run.log_interval, hp.run.save_interval = 1, 4, 8
+    return hp
+
+
+TRAIN_POLICY: dict[str, Callable[[], train_policy.HParams]] = {
+    "sentiment": lambda: _books_policy("sentiment"),
+    "descriptiveness": lambda: _books_policy("descriptiveness"),
+    "cnndm": lambda: _summarize_policy("cnndm", cnndm_task(), kl_coef=0.01),
+    "tldr": lambda: _summarize_policy("tldr", tldr_task(), kl_coef=0.03),
+    "test": _test_policy,
+}
+
+MODES = {"train_reward": TRAIN_REWARD, "train_policy": TRAIN_POLICY}
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; use train_reward or train_policy")
+
+
+def train_function(mode: str) -> Callable:
+    _check_mode(mode)
+    return {"train_reward": train_reward.train, "train_policy": train_policy.train}[mode]
+
+
+def get(mode: str, name: str):
+    _check_mode(mode)
+    experiments = MODES[mode]
+    if name not in experiments:
+        raise UserError(f"unknown {mode} experiment {name!r}; known: {', '.join(experiments)}")
+    return experiments[name]()
