@@ -41,15 +41,16 @@ usage: sample.py sample --save_dir D [--savescope policy] [--mpi N] [--temperatu
 
 Sample from a policy trained by train_policy. D is its save folder (a path, https:// or
 gs:// URL) holding train_policy_hparams.json and SAVESCOPE/. Queries come from the task's
-test split. Each sample prints a line of 80 '=', the query, then the response (newlines as ⏎).
+test split. Each sample prints a line of 80 '=', the query, then the untruncated response
+(newlines as ⏎), as the original did.
 
 options:
-  --savescope S    subfolder holding the policy (default: policy)
+  --savescope S    subfolder (and checkpoint scope) of the policy (default: policy)
   --mpi N          data-parallel ranks (default: one per visible GPU, else 1)
-  --temperature T  sampling temperature (default: the task's)
+  --temperature T  sampling temperature (default: 1.0, as the original)
   --seed S         random seed (default: random)
-  --batch_size B   queries per batch, across ranks (default: 4)
-  --nsamples N     samples to print; 0 samples forever (default: 0)
+  --batch_size B   queries per batch on each rank (default: 4)
+  --nsamples N     samples to print in all; 0 samples forever (default: 0)
 """
 
 
@@ -127,12 +128,11 @@ def launch(args: list[str]) -> None:
     distributed.run(train, (hp,), ranks)
 
 
-def _sample_rank(save_dir: str, savescope: str, temperature: float | None, seed: int | None, batch_size: int,
+def _sample_rank(save_dir: str, savescope: str, temperature: float, seed: int | None, batch_size: int,
                  nsamples: int) -> None:
     hp_path = storage.join(save_dir, "train_policy_hparams.json")
     hp = train_policy.HParams.from_json(storage.fetch(hp_path).read_text())
-    if temperature is not None:
-        hp.task.policy.temperature = temperature
+    hp.task.policy.temperature = temperature
     device = distributed.device()
     model, encoding_name = trained_models.load_initial(storage.join(save_dir, savescope), device=device)
     encoding = encodings.get(encoding_name)
@@ -140,14 +140,12 @@ def _sample_rank(save_dir: str, savescope: str, temperature: float | None, seed:
     seed = distributed.broadcast_object(seed if seed is not None else int(torch.randint(2 ** 31, ()).item()))
     rank, world = distributed.rank(), distributed.world_size()
     generator = torch.Generator(device).manual_seed(seed + rank * 100003)
-    per_rank = max(1, batch_size // world)
-    queries = lm_tasks.query_batches(hp.task, encoding, per_rank, mode="test", seed=seed, rank=rank, world=world,
+    queries = lm_tasks.query_batches(hp.task, encoding, batch_size, mode="test", seed=seed, rank=rank, world=world,
                                      device=device)
     printed = 0
     while True:
         batch = next(queries)
         responses = policy.respond(batch, hp.task.response_length, generator, hp.run.chunk_size)["responses"]
-        responses = lm_tasks.postprocess_responses(hp.task, responses, encoding.padding_token)
         batch, responses = distributed.all_gather_cat(batch), distributed.all_gather_cat(responses)
         for query, response in zip(batch.tolist(), responses.tolist()):
             if nsamples and printed >= nsamples:
@@ -175,7 +173,7 @@ def sample(args: list[str]) -> None:
     batch_size = _parse_int(flags, "batch_size", 4)
     nsamples = _parse_int(flags, "nsamples", 0)
     try:
-        temperature = float(flags.pop("temperature")) if "temperature" in flags else None
+        temperature = float(flags.pop("temperature", "1.0"))
     except ValueError:
         raise UserError("--temperature needs a number") from None
     if flags:

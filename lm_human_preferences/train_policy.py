@@ -185,12 +185,11 @@ def ppo_loss(old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: t
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def minibatch_stats(returns: torch.Tensor, old_values: torch.Tensor, vpred: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The stats that are not element means: moments of returns and values, variance explained."""
+def minibatch_stats(returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stats that are not element means: moments of the returns and of the old values."""
     return {
         "ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
         "ppo/val/mean": old_values.mean(), "ppo/val/var": old_values.var(unbiased=False),
-        "ppo/val/var_explained": 1 - (returns - vpred).var(unbiased=False) / returns.var(unbiased=False).clamp(min=1e-8),
     }
 
 
@@ -236,7 +235,6 @@ class PPOTrainer:
         chunk = self.hp.run.chunk_size or rows
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, torch.Tensor] = {}
-        vpreds = []
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
             out = self.policy.analyze_responses(mb["queries"][part], mb["responses"][part])
@@ -246,10 +244,9 @@ class PPOTrainer:
             (loss * weight).backward()
             for k, v in chunk_stats.items():
                 stats[k] = stats.get(k, 0.0) + v * weight
-            vpreds.append(out["values"].detach().float())
         distributed.average_gradients(self.params)
         self.optimizer.step()
-        stats.update(minibatch_stats(returns, mb["values"], torch.cat(vpreds)))
+        stats.update(minibatch_stats(returns, mb["values"]))
         return stats
 
     def step(self, update: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -275,23 +272,26 @@ class PPOTrainer:
         names = list(local)
         means = distributed.all_reduce_mean(torch.stack([local[k].float() for k in names]))
         stats = dict(zip(names, means.tolist()))
+        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
         stats["objective/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
         return stats, rollouts
 
 
 def print_samples(rollouts: dict[str, torch.Tensor], encoding: encodings.Encoding, kl_coef: float, n: int = 3) -> None:
-    kl = (rollouts["logprobs"] - rollouts["ref_logprobs"]).sum(1)
+    """Query, response (⏎ for newlines), score, KL and total of the first samples, as the original printed."""
+    kl = (rollouts["logprobs"] - rollouts["ref_logprobs"]).sum(1).tolist()
     for i in range(min(n, len(kl))):
-        query = encoding.decode(rollouts["queries"][i].tolist()).replace("\n", "⏎")
-        response = encoding.decode(rollouts["postprocessed"][i].tolist()).replace("\n", "⏎")
         score = rollouts["scores"][i].item()
-        logging.print_main(f"query: {query}\nresponse: {response}\n"
-                           f"score = {score:+.3f}, kl = {kl[i].item():.3f}, total = {score - kl_coef * kl[i].item():+.3f}")
+        logging.print_main(encoding.decode(rollouts["queries"][i].tolist()).replace("\n", "⏎"))
+        logging.print_main(encoding.decode(rollouts["postprocessed"][i].tolist()).replace("\n", "⏎"))
+        logging.print_main(f"  score = {score:+.2f}\n  kl = {kl[i]:+.2f}\n  total = {score - kl_coef * kl[i]:+.2f}")
 
 
-def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> None:
-    distributed.check_replicas_equal(policy.model)
+def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int, check_replicas: bool = True) -> None:
+    """Checkpoint the policy (rank 0). The replica check is a collective, so it is skipped after a failure."""
+    if check_replicas:
+        distributed.check_replicas_equal(policy.model)
     if distributed.is_main():
         trained_models.save_checkpoint(save_dir / "policy", policy.model.hparams, encoding_name,
                                        policy.model.state_dict(), update)
@@ -339,24 +339,39 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
     scalar_log = logging.ScalarLog(save_dir / "tb" / "ppo" if save_dir else None)
     started = time.time()
     history: list[dict[str, float]] = []
-    with logging.progress(hp.total_updates, "ppo", "update") as bar:
-        for update in range(hp.total_updates):
-            stats, rollouts = trainer.step(update)
-            elapsed = time.time() - started
-            episodes = (update + 1) * hp.ppo.batch_size
-            stats.update({"elapsed/updates": update + 1, "elapsed/episodes": episodes,
-                          "elapsed/fps": episodes / elapsed, "elapsed/time": elapsed})
-            history.append(stats)
-            scalar_log.scalars(stats, update)
-            bar.update(1)
-            bar.set_postfix(eps=f"{stats['elapsed/fps']:.1f}/s", score=f"{stats['objective/score']:.3f}",
-                            kl=f"{stats['objective/kl']:.3f}")
-            if update % hp.run.log_interval == 0:
-                logging.print_main(f"update {update}:", logging.format_stats(stats))
-                print_samples(rollouts, encoding, stats["objective/kl_coef"])
-            if save_dir is not None and (update + 1) % hp.run.save_interval == 0:
-                save_policy(policy, encoding_name, save_dir, update + 1)
-    scalar_log.close()
+    try:
+        with logging.progress(hp.total_updates, "ppo", "update") as bar:
+            for update in range(hp.total_updates):
+                step_started = time.time()
+                stats, rollouts = trainer.step(update)
+                step_time = time.time() - step_started
+                steps = update + 1
+                stats.update({
+                    "elapsed/updates": steps,
+                    "elapsed/steps/serial": steps * hp.task.response_length,
+                    "elapsed/steps/total": steps * hp.ppo.batch_size * hp.task.response_length,
+                    "elapsed/episodes": steps * hp.ppo.batch_size,
+                    "elapsed/fps": int(hp.ppo.batch_size * hp.task.response_length / step_time),  # tokens/s
+                    "elapsed/time": time.time() - started,
+                })
+                history.append(stats)
+                scalar_log.scalars(stats, update)
+                bar.update(1)
+                bar.set_postfix(eps=f"{hp.ppo.batch_size / step_time:.1f}/s", score=f"{stats['objective/score']:.3f}",
+                                kl=f"{stats['objective/kl']:.3f}")
+                if update % hp.run.log_interval == 0:
+                    logging.print_main(f"[ppo_step {update}] step_time={step_time:.2f}s, "
+                                       f"eps/s={hp.ppo.batch_size / step_time:.2f}")
+                    logging.print_main(logging.format_stats(stats))
+                    print_samples(rollouts, encoding, hp.rewards.kl_coef)
+                if save_dir is not None and steps % hp.run.save_interval == 0:
+                    save_policy(policy, encoding_name, save_dir, steps)
+    except BaseException:  # as the original: keep what was trained when a run stops early
+        if save_dir is not None and history:
+            save_policy(policy, encoding_name, save_dir, len(history), check_replicas=False)
+        raise
+    finally:
+        scalar_log.close()
     if save_dir is not None:
         save_policy(policy, encoding_name, save_dir, hp.total_updates)
     distributed.barrier()

@@ -46,13 +46,14 @@ def test_defaults(tmp_path, reward_dir, capsys):
                  "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl",
                  "ppo/policy/clipfrac", "ppo/returns/mean", "ppo/returns/var", "ppo/val/vpred", "ppo/val/error",
                  "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var", "ppo/val/var_explained", "elapsed/updates",
-                 "elapsed/episodes", "elapsed/fps", "elapsed/time"]:
+                 "elapsed/steps/serial", "elapsed/steps/total", "elapsed/episodes", "elapsed/fps", "elapsed/time"]:
         assert torch.isfinite(torch.tensor(last[name])), name
     assert last["elapsed/updates"] == 4 and last["elapsed/episodes"] == 32
     assert last["objective/kl_coef"] == 0.2
     assert summary["first"]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy starts as the reference
+    assert last["ppo/val/var_explained"] == pytest.approx(1 - last["ppo/val/error"] / last["ppo/returns/var"])
     out = capsys.readouterr().out
-    assert "query: " in out and "response: " in out and "score = " in out
+    assert "  score = " in out and "  kl = " in out and "  total = " in out and "[ppo_step 0]" in out
 
 
 def test_truncation(tmp_path, reward_dir):
@@ -160,3 +161,20 @@ def test_train_new_model_task_must_match():
     hp.rewards.train_new_model = reward_hparams(task={"query_length": 3})
     with pytest.raises(UserError, match="train_new_model.task differs from task in query_length"):
         train_policy.train(hp)
+
+
+def test_a_crash_keeps_the_policy_trained_so_far(tmp_path):
+    calls = []
+
+    def flaky_reward(queries, responses):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reward server went away")
+        return torch.zeros(len(responses))
+
+    hp = policy_hparams(tmp_path, rewards={"trained_model": "unused"})
+    with pytest.raises(RuntimeError, match="went away"):
+        train_policy.train(hp, reward_fn=flaky_reward)
+    checkpoints = tmp_path / "policy" / "policy" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "model-0000002.safetensors"
+    assert (checkpoints / "model-0000002.safetensors").exists()
