@@ -50,7 +50,9 @@ def run(size: str, batch_size: int, updates: int, chunk_size: int | None, query_
     hp.run.chunk_size = chunk_size
     device = distributed.device()
     policy = Policy(lm.Model(hparams, heads=("value",)).to(device), encoding, task)
-    ref_policy = Policy(lm.Model(hparams).to(device).eval().requires_grad_(False), encoding, task)
+    reference = lm.Model(hparams).to(device)
+    reference.load_state_dict(policy.model.state_dict(), strict=False)  # the policy starts as the reference
+    ref_policy = Policy(reference.eval().requires_grad_(False), encoding, task)
     reward_model = RewardModel(lm.Model(hparams, heads=("reward",)), encoding).to(device).eval().requires_grad_(False)
     trainer = train_policy.PPOTrainer(policy, ref_policy, reward_model, hp, seed=0)
     started = time.time()

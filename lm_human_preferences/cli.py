@@ -2,11 +2,12 @@
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from lm_human_preferences import experiments, lm_tasks, train_policy
-from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.language import encodings, hf, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import distributed, storage
 from lm_human_preferences.utils.errors import UserError
@@ -140,7 +141,7 @@ def _sample_rank(save_dir: str, savescope: str, temperature: float, seed: int | 
     seed = distributed.broadcast_object(seed if seed is not None else int(torch.randint(2 ** 31, ()).item()))
     rank, world = distributed.rank(), distributed.world_size()
     generator = torch.Generator(device).manual_seed(seed + rank * 100003)
-    queries = lm_tasks.query_batches(hp.task, encoding, batch_size, mode="test", seed=seed, rank=rank, world=world,
+    queries = lm_tasks.query_batches(hp.task, encoding, batch_size, mode="test", rank=rank, world=world,
                                      device=device)
     printed = 0
     while True:
@@ -181,11 +182,31 @@ def sample(args: list[str]) -> None:
     distributed.run(_sample_rank, (save_dir, savescope, temperature, seed, batch_size, nsamples), ranks)
 
 
+EXPORT_HELP = """\
+usage: lmhp-export-hf MODEL OUT
+
+Write the GPT-2 trunk of MODEL (a save folder such as <save_dir>/policy or <save_dir>/reward_model,
+in our layout or the original's, a path or URL, or a model name) to the folder OUT, which
+transformers' GPT2LMHeadModel.from_pretrained(OUT) loads. Scalar heads are not exported.
+"""
+
+
+def export_hf(args: list[str]) -> None:
+    if not args or "--help" in args or "-h" in args:
+        print(EXPORT_HELP)
+        return
+    if len(args) != 2:
+        raise UserError("usage: lmhp-export-hf MODEL OUT (see --help)")
+    model, encoding = trained_models.load_initial(args[0])
+    hf.export_folder(model, Path(args[1]), encoding)
+    print(f"wrote {args[1]}/config.json and model.safetensors")
+
+
 def main(command: str, args: list[str] | None = None) -> int:
     """Run a command line; a UserError becomes one line on stderr and exit status 1."""
     args = sys.argv[1:] if args is None else args
     try:
-        {"launch": launch, "sample": sample}[command](args)
+        {"launch": launch, "sample": sample, "export_hf": export_hf}[command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -201,3 +222,7 @@ def launch_entry() -> int:
 
 def sample_entry() -> int:
     return main("sample")
+
+
+def export_hf_entry() -> int:
+    return main("export_hf")

@@ -5,19 +5,17 @@ are decoded one at a time and turned into compact int32 arrays at once, instead 
 the whole file as Python objects.
 """
 
-import json
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from lm_human_preferences.label_types import LabelType
 from lm_human_preferences.utils import storage
+from lm_human_preferences.utils.jsonstream import json_list_items
 from lm_human_preferences.utils.errors import UserError
 
 TEST_SOURCE = "test"
 TEST_RECORDS = 50
-_WHITESPACE = re.compile(r"\s*")
 
 
 @dataclass
@@ -37,34 +35,6 @@ class Labels:
 class Vocabulary:
     n_vocab: int
     padding_token: int
-
-
-def _records(text: str, source: str):
-    """Yield the records of a JSON list one by one."""
-    decoder = json.JSONDecoder()
-    pos = _WHITESPACE.match(text, 0).end()
-    if not text.startswith("[", pos):
-        raise UserError(f"{source}: a label file must be a JSON list of records")
-    pos = _WHITESPACE.match(text, pos + 1).end()
-    if text.startswith("]", pos):
-        return
-    index = 0
-    while True:
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source}: invalid JSON in record {index} (line {e.lineno}, column {e.colno}: "
-                            f"{e.msg}); the file may be truncated, download it again") from None
-        yield record
-        index += 1
-        pos = _WHITESPACE.match(text, pos).end()
-        if text.startswith(",", pos):
-            pos = _WHITESPACE.match(text, pos + 1).end()
-        elif text.startswith("]", pos):
-            return
-        else:
-            raise UserError(f"{source}: invalid JSON after record {index - 1} (expected ',' or ']'); "
-                            "the file may be truncated, download it again")
 
 
 def _tokens(record: dict, key: str, length: int, vocab: Vocabulary, index: int, source: str) -> np.ndarray:
@@ -100,7 +70,7 @@ def load(source: str, label_type: LabelType, query_length: int, response_length:
     except UnicodeDecodeError as e:
         raise UserError(f"{source}: not a UTF-8 JSON file ({e})") from None
     rows: dict[str, list] = {key: [] for key in [*schemas, label_key]}
-    for index, record in enumerate(_records(text, source)):
+    for index, record in enumerate(json_list_items(text, source)):
         if not isinstance(record, dict):
             raise UserError(f"{source}: record {index} is a {type(record).__name__}, not an object")
         for key in rows:

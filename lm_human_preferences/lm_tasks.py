@@ -88,7 +88,11 @@ def has_truncate_token(task: TaskHParams, responses: torch.Tensor) -> torch.Tens
 def query_batches(task: TaskHParams, encoding: Encoding, batch_size: int, *, mode: str = "train",
                   seed: int = 0, rank: int = 0, world: int = 1,
                   device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-    """Endless batches [batch_size, query_length] of this rank's queries."""
+    """Endless batches [batch_size, query_length] of this rank's queries.
+
+    The dataset's shuffle seed is fixed (0 by default) and independent of the run's seed, as
+    in the original.
+    """
     stream = datasets.query_stream(task.query_dataset, encoding, task.query_length, start_text=task.start_text,
                                    end_text=task.end_text, mode=mode, seed=seed, rank=rank, world=world)
     while True:

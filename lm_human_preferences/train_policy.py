@@ -204,7 +204,7 @@ class PPOTrainer:
         self.batch_size = core.exact_div(hp.ppo.batch_size, self.world)  # this rank's rollouts per update
         self.minibatch_size = core.exact_div(self.batch_size, hp.ppo.nminibatches)
         self.generator = torch.Generator(policy.device).manual_seed(seed + self.rank * 100003)
-        self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size, seed=seed, rank=self.rank,
+        self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size, rank=self.rank,
                                               world=self.world, device=policy.device)
         self.score_fn = make_score_fn(hp.task, reward_fn, policy.encoding.padding_token, hp.run.chunk_size)
         self.kl_ctl = kl_controller(hp.rewards)

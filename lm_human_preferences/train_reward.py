@@ -86,7 +86,7 @@ class RewardModelTrainer:
         self.generator = torch.Generator(device).manual_seed(seed + distributed.rank() * 100003)
         self.queries = lm_tasks.query_batches(
             hp.task, reward_model.encoding, core.exact_div(hp.rollout_batch_size, distributed.world_size()),
-            seed=seed, rank=distributed.rank(), world=distributed.world_size(), device=device)
+            rank=distributed.rank(), world=distributed.world_size(), device=device)
 
     def sample_rewards(self, n_samples: int) -> torch.Tensor:
         """Rewards of the initial policy's (truncated) responses: ceil(n / rollout_batch_size) global batches."""

@@ -19,6 +19,7 @@ def task(**kw):
     ([1, 2, 3], 26, None, None),  # no start token: skip the text
     ([26, 1, 26, 2, 26, 3, 3], None, 26, [26, 1, 26, PAD]),  # cut after the last end token within the query
     ([1, 2, 3, 4, 26], None, 26, None),  # the end token only beyond query_length: skip
+    ([1, 2, 26], 26, None, [1, 2, 26, PAD]),  # the only start token is the last one: kept whole
     ([5, 26, 1, 26, 9, 9], 26, 26, [1, 26, PAD, PAD]),
 ])
 def test_query_tokens(tokens, start, end, expected):
@@ -27,14 +28,14 @@ def test_query_tokens(tokens, start, end, expected):
 
 def test_query_stream_is_sharded_and_deterministic():
     enc = encodings.get("test")
-    full = datasets.query_stream("test", enc, 4, start_text=None, seed=3)
+    full = datasets.query_stream("test", enc, 4, start_text=".", seed=3)
     whole = [next(full) for _ in range(20)]
-    ranks = [datasets.query_stream("test", enc, 4, start_text=None, seed=3, rank=r, world=2) for r in range(2)]
+    ranks = [datasets.query_stream("test", enc, 4, start_text=".", seed=3, rank=r, world=2) for r in range(2)]
     shards = [[next(s) for _ in range(10)] for s in ranks]
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
-    again = datasets.query_stream("test", enc, 4, start_text=None, seed=3)
+    again = datasets.query_stream("test", enc, 4, start_text=".", seed=3)
     assert [next(again) for _ in range(20)] == whole
-    other_seed = datasets.query_stream("test", enc, 4, start_text=None, seed=4)
+    other_seed = datasets.query_stream("test", enc, 4, start_text=".", seed=4)
     assert [next(other_seed) for _ in range(20)] != whole
 
 

@@ -1,15 +1,31 @@
-"""Named query datasets → fixed-length query token streams (SPEC §4).
+"""Query datasets → fixed-length query token streams (SPEC §4).
 
-A dataset is a function `(mode, seed) -> iterator of texts`. Streams built from them repeat
-forever and are sharded across ranks (rank r takes items r, r + world, r + 2·world, ...).
+`task.query_dataset` is one of
+  - a name: `books`, `cnndm`, `tldr` (the original's corpora) or `test` (random letters);
+  - a local path or URL of a `.jsonl` (a JSON string, or an object with a `text` field, per
+    line) or `.txt` (one text per line) file of texts;
+  - `labels:<label file>`: the distinct queries of a label file, used as they are (they are
+    already cut and padded, so start/end texts are not applied again).
+A text source is a function `(mode, seed) -> iterator of texts`, shuffled by `seed`. Query
+streams repeat forever and are sharded across ranks.
 """
 
+import json
 import random
 import string
 from collections.abc import Callable, Iterator
 
+import numpy as np
+
+from lm_human_preferences.datasets.books import books_texts
+from lm_human_preferences.datasets.cnndm import cnndm_texts
+from lm_human_preferences.datasets.tldr import tldr_texts
 from lm_human_preferences.language.encodings import Encoding
+from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.jsonstream import json_list_items
+
+LABELS_PREFIX = "labels:"
 
 TextSource = Callable[[str, int], Iterator[str]]
 
@@ -22,13 +38,57 @@ def random_letters(mode: str, seed: int) -> Iterator[str]:
         yield "".join(rng.choice(alphabet) for _ in range(40))
 
 
-_DATASETS: dict[str, TextSource] = {"test": random_letters}
+_DATASETS: dict[str, TextSource] = {"books": books_texts, "cnndm": cnndm_texts, "tldr": tldr_texts,
+                                     "test": random_letters}
+
+
+def file_texts(path: str) -> TextSource:
+    """Texts of a .jsonl or .txt file (path or URL); the same file serves every mode."""
+    def texts(mode: str, seed: int) -> Iterator[str]:
+        lines = [line for line in storage.fetch(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.endswith(".jsonl"):
+            lines = [_jsonl_text(line, path, i) for i, line in enumerate(lines)]
+        random.Random(seed).shuffle(lines)
+        yield from lines
+
+    return texts
+
+
+def _jsonl_text(line: str, path: str, index: int) -> str:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {index + 1} is not JSON ({e.msg})") from None
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return item["text"]
+    if not isinstance(item, str):
+        raise UserError(f"{path}: line {index + 1} must be a JSON string or an object with a 'text' field")
+    return item
 
 
 def get(name: str) -> TextSource:
-    if name not in _DATASETS:
-        raise UserError(f"unknown query dataset {name!r}; known: {', '.join(sorted(_DATASETS))}")
-    return _DATASETS[name]
+    if name in _DATASETS:
+        return _DATASETS[name]
+    if name.endswith((".jsonl", ".txt")):
+        return file_texts(name)
+    raise UserError(f"unknown query dataset {name!r}; use one of {', '.join(sorted(_DATASETS))}, a .jsonl or .txt "
+                    "file (path or URL), or labels:<label file>")
+
+
+def label_queries(source: str, length: int, padding_token: int, n_vocab: int) -> list[list[int]]:
+    """The distinct `query` token lists of a label file, in file order."""
+    text = storage.fetch(source).read_text(encoding="utf-8")
+    seen: dict[bytes, list[int]] = {}
+    for index, record in enumerate(json_list_items(text, source)):
+        query = record.get("query") if isinstance(record, dict) else None
+        if not isinstance(query, list) or len(query) != length or not all(type(t) is int for t in query):
+            raise UserError(f"{source}: record {index} needs a 'query' of {length} token ids (task.query_length)")
+        tokens = np.asarray(query)
+        if ((tokens < 0) | ((tokens >= n_vocab) & (tokens != padding_token))).any():
+            raise UserError(f"{source}: record {index}: a query token is outside the vocabulary; "
+                            "was the file made with another encoding?")
+        seen.setdefault(tokens.tobytes(), query)
+    return list(seen.values())
 
 
 def _single_token(encoding: Encoding, text: str, what: str) -> int:
@@ -42,13 +102,16 @@ def query_tokens(tokens: list[int], length: int, padding_token: int,
                  start_token: int | None = None, end_token: int | None = None) -> list[int] | None:
     """Turn one text's tokens into a query of exactly `length` tokens, or None to skip the text.
 
-    Drop everything up to and including the first start token; cut to `length`; cut after
-    the last end token; right-pad with the padding token.
+    Drop everything up to and including the first start token (as the original, a text whose
+    only start token is its last token is kept whole); cut to `length`; cut after the last
+    end token; right-pad with the padding token. Texts lacking a start or end token are skipped.
     """
     if start_token is not None:
         if start_token not in tokens:
             return None
-        tokens = tokens[tokens.index(start_token) + 1:]
+        first = tokens.index(start_token) + 1
+        if first < len(tokens):
+            tokens = tokens[first:]
     tokens = tokens[:length]
     if end_token is not None:
         if end_token not in tokens:
@@ -57,24 +120,43 @@ def query_tokens(tokens: list[int], length: int, padding_token: int,
     return tokens + [padding_token] * (length - len(tokens))
 
 
-def query_stream(dataset: str, encoding: Encoding, length: int, *, start_text: str | None = None,
-                 end_text: str | None = None, mode: str = "train", seed: int = 0,
-                 rank: int = 0, world: int = 1) -> Iterator[list[int]]:
-    """Endless stream of queries (lists of `length` token ids) for this rank."""
+def _one_pass(dataset: str, encoding: Encoding, length: int, start_text: str | None, end_text: str | None,
+              mode: str, seed: int) -> Callable[[], Iterator[list[int] | None]]:
+    """A function giving one shuffled pass over the dataset's queries (None for skipped texts)."""
+    if dataset.startswith(LABELS_PREFIX):
+        queries = label_queries(dataset[len(LABELS_PREFIX):], length, encoding.padding_token, encoding.n_vocab)
+        random.Random(seed).shuffle(queries)
+        return lambda: iter(queries)
     texts = get(dataset)
     start = _single_token(encoding, start_text, "start_text") if start_text else None
     end = _single_token(encoding, end_text, "end_text") if end_text else None
-    epoch = 0
+
+    def one_pass() -> Iterator[list[int] | None]:
+        for text in texts(mode, seed):
+            yield query_tokens(encoding.encode(text), length, encoding.padding_token, start, end)
+
+    return one_pass
+
+
+def query_stream(dataset: str, encoding: Encoding, length: int, *, start_text: str | None = None,
+                 end_text: str | None = None, mode: str = "train", seed: int = 0,
+                 rank: int = 0, world: int = 1) -> Iterator[list[int]]:
+    """Endless stream of queries (lists of `length` token ids) for this rank.
+
+    Every pass over the dataset uses the same shuffle (`seed`), and rank r takes the usable
+    queries r, r + world, r + 2·world, ... of that stream, as the original's tf.data pipeline.
+    """
+    one_pass = _one_pass(dataset, encoding, length, start_text, end_text, mode, seed)
+    index = 0
     while True:
         produced = False
-        for i, text in enumerate(texts(mode, seed + epoch)):
-            if i % world != rank:
+        for query in one_pass():
+            if query is None:
                 continue
-            query = query_tokens(encoding.encode(text), length, encoding.padding_token, start, end)
-            if query is not None:
-                produced = True
+            produced = True
+            if index % world == rank:
                 yield query
+            index += 1
         if not produced:
-            raise UserError(f"dataset {dataset!r} ({mode}) gave no usable query for this rank: every text lacks "
-                            f"the start text {start_text!r} or end text {end_text!r}, or the dataset is too small")
-        epoch += 1
+            raise UserError(f"dataset {dataset!r} ({mode}) gave no usable query: every text lacks "
+                            f"the start text {start_text!r} or the end text {end_text!r}")

@@ -127,11 +127,14 @@ class Model(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The original's initializers: what an untrained (`test`) model starts from."""
+        hp = self.hparams
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe.weight, std=0.01)
         for block in self.h:
-            for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-                nn.init.normal_(linear.weight, std=0.02)
+            stds = {block.attn.c_attn: 1 / math.sqrt(hp.n_embd), block.attn.c_proj: 1 / math.sqrt(hp.n_embd * hp.n_layer),
+                    block.mlp.c_fc: 1 / math.sqrt(hp.n_embd), block.mlp.c_proj: 1 / math.sqrt(4 * hp.n_embd * hp.n_layer)}
+            for linear, std in stds.items():
+                nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
         for name in self.heads:
             self.reset_head(name)

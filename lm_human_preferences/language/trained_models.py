@@ -1,78 +1,81 @@
-"""Model names and save folders → hparams, encodings and weights.
+"""Model names and folders → hparams, encodings and weights.
 
-A *named* model (`test`, later OpenAI's GPT-2 releases) gives the initial language model.
-A *save folder* in our layout (SPEC §9) holds a trained model:
+Named models: `test` (random weights from a fixed seed) and OpenAI's GPT-2 releases `124M`,
+`355M`, `774M`, `1558M` (downloaded once from the gpt-2 bucket). A folder (local path or URL)
+may be in any of these layouts:
 
-    <folder>/hparams.json                      model hparams
-    <folder>/encoding                          the encoding's name, as a JSON string
-    <folder>/checkpoints/latest                file name of the newest checkpoint
-    <folder>/checkpoints/model-<step>.safetensors
+  ours (SPEC §9)     hparams.json, encoding, checkpoints/latest, checkpoints/model-<step>.safetensors
+  original runs      hparams.json, encoding, checkpoints/checkpoint + TF checkpoint (scope <folder>/model)
+  GPT-2 release      hparams.json, checkpoint + TF checkpoint (scope model)
+  Hugging Face       config.json + model.safetensors (a local GPT2LMHeadModel folder)
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from lm_human_preferences.language import encodings, hf, tf_checkpoint
 from lm_human_preferences.language.model import HParams, Model
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
 
-NAMED = {
-    "test": (HParams(n_vocab=27, n_ctx=8, n_embd=7, n_head=1, n_layer=2), "test"),
-}
-KEEP_CHECKPOINTS = 5  # as TensorFlow's Saver kept
+TEST_HPARAMS = HParams(n_vocab=27, n_ctx=8, n_embd=7, n_head=1, n_layer=2)
+GPT2_MODELS = ("124M", "355M", "774M", "1558M")
+GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{name}"
+KEEP_CHECKPOINTS = 5
 
 
 @dataclass
 class Saved:
     hparams: HParams
     encoding: str
-    tensors: dict[str, torch.Tensor]  # the newest checkpoint
+    tensors: dict[str, torch.Tensor]  # our parameter names (plus reward_norm.gain/bias)
     step: int
 
 
-def is_named(name: str) -> bool:
-    return name in NAMED
-
-
 def load_initial(name: str, heads: tuple[str, ...] = (), device: torch.device | str = "cpu") -> tuple[Model, str]:
-    """(model, encoding name) for a named model or a save folder; heads missing from it start fresh.
+    """(model, encoding name) for a named model or a folder; heads the weights lack start fresh.
 
     The `test` model's trunk is drawn from a fixed seed, so every model started from it (policy,
     reference policy, reward model) begins from the same weights, as with a pretrained model.
     """
-    if is_named(name):
-        hparams, encoding = NAMED[name]
+    if name == "test":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = Model(hparams)
-        trunk = model.state_dict()
-        model = Model(hparams, heads=heads)  # heads drawn from the caller's random state
+            trunk = Model(TEST_HPARAMS).state_dict()
+        model = Model(TEST_HPARAMS, heads=heads)  # heads drawn from the caller's random state
         model.load_state_dict(trunk, strict=False)
-        return model.to(device), encoding
-    saved = load(name)
+        return model.to(device), "test"
+    saved = load(GPT2_URL.format(name=name) if name in GPT2_MODELS else name)
+    n_vocab = encodings.get(saved.encoding).n_vocab
+    if saved.hparams.n_vocab != n_vocab:
+        raise UserError(f"{name}: the model has {saved.hparams.n_vocab} tokens but its encoding {saved.encoding!r} "
+                        f"has {n_vocab}; the weights and the encoding do not belong together")
     model = Model(saved.hparams, heads=heads)
     load_into(model, saved.tensors, name)
     return model.to(device), saved.encoding
 
 
 def load_into(model: Model, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load a model's tensors from a checkpoint; heads the checkpoint lacks keep their init."""
+    """Copy a checkpoint's tensors into `model`; heads the checkpoint lacks keep their init."""
     own = model.state_dict()
     missing = [k for k in own if k not in tensors and not k.startswith("heads.")]
     if missing:
         raise UserError(f"{source}: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
                         "is it a model of another kind?")
-    for key, value in own.items():
-        if key in tensors:
-            if tensors[key].shape != value.shape:
-                raise UserError(f"{source}: {key} has shape {list(tensors[key].shape)}, the model expects "
-                                f"{list(value.shape)}; hparams.json and the weights disagree")
-            value.copy_(tensors[key])
+    with torch.no_grad():
+        for key, value in own.items():
+            if key in tensors:
+                if tensors[key].shape != value.shape:
+                    raise UserError(f"{source}: {key} has shape {list(tensors[key].shape)}, the model expects "
+                                    f"{list(value.shape)}; hparams.json and the weights disagree")
+                value.copy_(tensors[key])
 
 
 def _read_json(path: str, what: str):
@@ -83,21 +86,101 @@ def _read_json(path: str, what: str):
 
 
 def load(folder: str) -> Saved:
-    """The newest checkpoint of a save folder (local path or URL)."""
-    hp = HParams.from_dict(_read_json(storage.join(folder, "hparams.json"), "model hparams"))
-    encoding = _read_json(storage.join(folder, "encoding"), "the encoding name")
+    """The newest weights in a folder (local path or URL) of any supported layout."""
+    folder = storage.canonical_url(folder.rstrip("/"))
+    if not storage.is_remote(folder) and Path(folder, "config.json").exists():
+        hparams, encoding, tensors = hf.load_folder(Path(folder))
+        return Saved(hparams, encoding, tensors, step=0)
+    if storage.exists(storage.join(folder, "checkpoints", "latest")):
+        return _load_ours(folder)
+    for checkpoint_dir in (storage.join(folder, "checkpoints"), folder):
+        if storage.exists(storage.join(checkpoint_dir, "checkpoint")):
+            return _load_tf(folder, checkpoint_dir)
+    raise UserError(f"{folder}: no model here (looked for checkpoints/latest, checkpoints/checkpoint, checkpoint "
+                    "and config.json); pass a save folder such as <save_dir>/policy or a model name "
+                    f"({', '.join(('test',) + GPT2_MODELS)})")
+
+
+def _hparams_and_encoding(folder: str) -> tuple[HParams, str]:
+    hparams = HParams.from_dict(_read_json(storage.join(folder, "hparams.json"), "model hparams"))
+    encoding_path = storage.join(folder, "encoding")
+    encoding = _read_json(encoding_path, "the encoding name") if storage.exists(encoding_path) else "main"
     if not isinstance(encoding, str):
-        raise UserError(f"{storage.join(folder, 'encoding')} must hold a JSON string such as \"main\"")
+        raise UserError(f"{encoding_path} must hold a JSON string such as \"main\"")
+    return hparams, encoding
+
+
+def _load_ours(folder: str) -> Saved:
+    hparams, encoding = _hparams_and_encoding(folder)
     latest = storage.fetch(storage.join(folder, "checkpoints", "latest")).read_text().strip()
     path = storage.fetch(storage.join(folder, "checkpoints", latest))
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: cannot read the checkpoint ({e}); it may be truncated or corrupt") from None
-    return Saved(hparams=hp, encoding=encoding, tensors=tensors, step=int(latest.split("-")[1].split(".")[0]))
+    step = re.search(r"(\d+)", latest)
+    return Saved(hparams, encoding, tensors, step=int(step.group(1)) if step else 0)
 
 
-def save_checkpoint(folder: str | Path, hparams: HParams, encoding: str, tensors: dict[str, torch.Tensor], step: int) -> None:
+_LAYER = re.compile(r"h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/([gbw])$")
+
+
+def tf_to_ours(name: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """Our parameter name and layout for a TF variable name relative to the model scope."""
+    if name in ("wte", "wpe"):
+        return f"{name}.weight", value
+    if name in ("ln_f/g", "ln_f/b"):
+        return "ln_f." + ("weight" if name.endswith("g") else "bias"), value
+    match = _LAYER.match(name)
+    if match:
+        layer, module, kind = match.groups()
+        key = f"h.{layer}.{module.replace('/', '.')}.{'bias' if kind == 'b' else 'weight'}"
+        return key, value[0].T if kind == "w" else value  # conv1x1 w [1, in, out] → Linear [out, in]
+    match = re.match(r"heads/(\w+)/([wb])$", name)
+    if match:
+        head, kind = match.groups()
+        return f"heads.{head}.{'weight' if kind == 'w' else 'bias'}", value.reshape(1, -1) if kind == "w" else value.reshape(1)
+    return None
+
+
+def _model_scope(names: list[str], preferred: str) -> str:
+    scopes = sorted({n[:-len("/wte")] for n in names if n.endswith("/wte")})
+    for scope in (f"{preferred}/model", "model"):
+        if scope in scopes:
+            return scope
+    if len(scopes) == 1:
+        return scopes[0]
+    raise UserError(f"cannot tell which model to load from a checkpoint holding {', '.join(scopes) or 'no model'}")
+
+
+def _load_tf(folder: str, checkpoint_dir: str) -> Saved:
+    hparams, encoding = _hparams_and_encoding(folder)
+    prefix = tf_checkpoint.latest_prefix(storage.fetch(storage.join(checkpoint_dir, "checkpoint")))
+    index = storage.fetch(storage.join(checkpoint_dir, prefix + ".index"))
+    num_shards, entries = tf_checkpoint.read_index(index)
+    scope = _model_scope(list(entries), preferred=folder.rsplit("/", 1)[-1])
+    top = scope[:-len("/model")] if scope.endswith("/model") else ""
+    wanted = {n: e for n, e in entries.items()
+              if (n.startswith(scope + "/") or n.startswith(f"{top}/reward_norm/"))
+              and not re.search(r"/adam(_1)?$", n, re.IGNORECASE)}
+
+    def fetch_shard(i: int, n: int) -> Path:
+        return storage.fetch(storage.join(checkpoint_dir, f"{prefix}.data-{i:05d}-of-{n:05d}"))
+
+    tensors = {}
+    for name, value in tf_checkpoint.read_tensors(wanted, num_shards, fetch_shard).items():
+        if name.startswith(f"{top}/reward_norm/"):
+            tensors[f"reward_norm.{name.rsplit('/', 1)[-1]}"] = torch.from_numpy(value.astype(np.float32))
+            continue
+        mapped = tf_to_ours(name[len(scope) + 1:], value)
+        if mapped is not None:
+            tensors[mapped[0]] = torch.from_numpy(np.ascontiguousarray(mapped[1], dtype=np.float32))
+    step = re.search(r"-(\d+)$", prefix)
+    return Saved(hparams, encoding, tensors, step=int(step.group(1)) if step else 0)
+
+
+def save_checkpoint(folder: str | Path, hparams: HParams, encoding: str, tensors: dict[str, torch.Tensor],
+                    step: int) -> None:
     """Write a checkpoint atomically, point `latest` at it, and keep the newest few."""
     folder = Path(folder)
     storage.atomic_write_text(folder / "hparams.json", hparams.to_json())

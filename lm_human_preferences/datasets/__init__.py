@@ -1,0 +1,1 @@
+"""Raw text generators of the original's query datasets: `(mode, seed) -> iterator of texts`."""
