@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import experiments, lm_tasks, train_policy
+from lm_human_preferences import experiments, label, lm_tasks, train_policy
 from lm_human_preferences.language import encodings, hf, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import distributed, storage
 from lm_human_preferences.utils.errors import UserError
-from lm_human_preferences.utils.hyperparams import all_keys
 
 LAUNCH_HELP = """\
 usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--mpi N] [--save_dir D] [--dry_run]
@@ -182,6 +181,24 @@ def sample(args: list[str]) -> None:
     distributed.run(_sample_rank, (save_dir, savescope, temperature, seed, batch_size, nsamples), ranks)
 
 
+LABEL_HELP = """\
+usage: label.py EXPERIMENT --out FILE [--n N] [--labeler NAME] [--noise X] [--policy MODEL] [--seed S]
+                [--<task.hparam> VALUE ...]
+
+Sample N queries × 4 responses from a policy and write a label file in the released schema
+(a JSON list of {"query", "sample0".."sample3", "best"}), judged by a mock labeler. The
+train_reward EXPERIMENT gives the task (dataset, lengths, truncation, initial model) and,
+for the mock experiments, the labeler.
+
+options:
+  --out FILE       where to write the labels
+  --n N            number of labelled queries (default 1000)
+  --labeler NAME   sentiment or descriptiveness (default: the experiment's mock labeler)
+  --noise X        Boltzmann noise of the labeler's choice; 0 always picks the best (default 0)
+  --policy MODEL   the policy that answers: a model name or save folder (default: task.policy.initial_model)
+  --seed S         random seed (default 0)
+"""
+
 EXPORT_HELP = """\
 usage: lmhp-export-hf MODEL OUT
 
@@ -202,11 +219,46 @@ def export_hf(args: list[str]) -> None:
     print(f"wrote {args[1]}/config.json and model.safetensors")
 
 
+def label_command(args: list[str]) -> None:
+    if not args or "--help" in args or "-h" in args:
+        print(LABEL_HELP)
+        return
+    if args[0].startswith("--"):
+        raise UserError("usage: label.py EXPERIMENT --out FILE [--flags] (see --help)")
+    hp = experiments.get("train_reward", args[0])
+    flags = parse_flags(args[1:], booleans=set())
+    if "out" not in flags:
+        raise UserError("label needs --out FILE")
+    out = Path(flags.pop("out"))
+    n = _parse_int(flags, "n", 1000)
+    seed = _parse_int(flags, "seed", 0)
+    source = hp.labels.source if hp.labels.source.startswith(label.MOCK_PREFIX) else None
+    labeler = flags.pop("labeler", None) or (label.parse_mock_source(source)[0] if source else None)
+    if labeler is None:
+        raise UserError(f"experiment {args[0]!r} has no mock labeler; choose one with --labeler")
+    try:
+        noise = float(flags.pop("noise", "0"))
+    except ValueError:
+        raise UserError("--noise needs a number") from None
+    policy_name = flags.pop("policy", None) or hp.task.policy.initial_model
+    for key, value in flags.items():
+        if not key.startswith("task."):
+            raise UserError(f"unknown option --{key} (see --help)")
+        hp.override_from_str(key, value)
+    hp.task.validate("task.")
+    device = distributed.device()
+    model, encoding_name = trained_models.load_initial(policy_name, device=device)
+    policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
+    records = label.generate(policy, hp.task, labeler, n, noise, seed=seed)
+    label.write(records, out)
+    print(f"wrote {len(records)} {labeler} labels to {out}")
+
+
 def main(command: str, args: list[str] | None = None) -> int:
     """Run a command line; a UserError becomes one line on stderr and exit status 1."""
     args = sys.argv[1:] if args is None else args
     try:
-        {"launch": launch, "sample": sample, "export_hf": export_hf}[command](args)
+        {"launch": launch, "sample": sample, "export_hf": export_hf, "label": label_command}[command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -226,3 +278,7 @@ def sample_entry() -> int:
 
 def export_hf_entry() -> int:
     return main("export_hf")
+
+
+def label_entry() -> int:
+    return main("label")

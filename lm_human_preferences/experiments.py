@@ -72,11 +72,30 @@ def _test_reward() -> train_reward.HParams:
     return hp
 
 
+def kjv_task() -> lm_tasks.TaskHParams:
+    """Verses of the King James Version, answered by the small packaged character model."""
+    task = lm_tasks.TaskHParams(query_length=32, query_dataset="kjv", response_length=32, start_text=None,
+                                end_text=" ")
+    task.policy.temperature = 0.7
+    task.policy.initial_model = "kjv"
+    return task
+
+
+def _mock_reward(labeler: str) -> train_reward.HParams:
+    """Labels from a mock labeler on the initial policy's samples, then a normalized best-of-4 reward model."""
+    hp = _normalized_best_of_4(kjv_task(), batch_size=32, lr=3e-4, rollout_batch_size=256)
+    hp.labels.source, hp.labels.num_train = f"mock:{labeler}", 2048
+    hp.run.seed = 1
+    return hp
+
+
 TRAIN_REWARD: dict[str, Callable[[], train_reward.HParams]] = {
     "sentiment": lambda: _books_reward("sentiment"),
     "descriptiveness": lambda: _books_reward("descriptiveness"),
     "cnndm": lambda: _summarize_reward(cnndm_task(), "cnndm"),
     "tldr": lambda: _summarize_reward(tldr_task(), "tldr"),
+    "mock_sentiment": lambda: _mock_reward("sentiment"),
+    "mock_descriptiveness": lambda: _mock_reward("descriptiveness"),
     "test": _test_reward,
 }
 
@@ -108,11 +127,24 @@ def _test_policy() -> train_policy.HParams:
     return hp
 
 
+def _mock_policy(labeler: str) -> train_policy.HParams:
+    """The whole method offline in minutes: mock labels → reward model → PPO with adaptive KL."""
+    hp = train_policy.HParams(task=kjv_task())
+    hp.rewards.kl_coef = 0.15
+    hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
+    hp.rewards.train_new_model = TRAIN_REWARD[f"mock_{labeler}"]()
+    hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-4, 64 * 120, 64
+    hp.run.seed = 1
+    return hp
+
+
 TRAIN_POLICY: dict[str, Callable[[], train_policy.HParams]] = {
     "sentiment": lambda: _books_policy("sentiment"),
     "descriptiveness": lambda: _books_policy("descriptiveness"),
     "cnndm": lambda: _summarize_policy("cnndm", cnndm_task(), kl_coef=0.01),
     "tldr": lambda: _summarize_policy("tldr", tldr_task(), kl_coef=0.03),
+    "mock_sentiment": lambda: _mock_policy("sentiment"),
+    "mock_descriptiveness": lambda: _mock_policy("descriptiveness"),
     "test": _test_policy,
 }
 

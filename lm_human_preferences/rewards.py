@@ -86,9 +86,13 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> RewardModel:
     for key in ("heads.reward.weight", "reward_norm.gain", "reward_norm.bias"):
         if key not in saved.tensors:
             raise UserError(f"{folder}: the checkpoint lacks {key}; is it a policy rather than a reward model?")
+    encoding = encodings.get(saved.encoding)
+    if saved.hparams.n_vocab != encoding.n_vocab:
+        raise UserError(f"{folder}: the reward model has {saved.hparams.n_vocab} tokens but its encoding "
+                        f"{saved.encoding!r} has {encoding.n_vocab}; the weights and the encoding do not belong together")
     model = Model(saved.hparams, heads=("reward",))
     trained_models.load_into(model, saved.tensors, folder)
-    reward_model = RewardModel(model, encodings.get(saved.encoding))
+    reward_model = RewardModel(model, encoding)
     with torch.no_grad():
         reward_model.gain.copy_(saved.tensors["reward_norm.gain"])
         reward_model.bias.copy_(saved.tensors["reward_norm.bias"])

@@ -1,5 +1,6 @@
 """PPO fine-tuning of a policy against a reward model (SPEC §7): `./launch.py train_policy ...`."""
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import lm_tasks, rewards, train_reward
+from lm_human_preferences import label, lm_tasks, rewards, train_reward
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
@@ -297,19 +298,52 @@ def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int,
                                        policy.model.state_dict(), update)
 
 
-def load_reward_fn(hp: HParams, device: torch.device) -> rewards.RewardModel:
-    """The reward model: trained first (rewards.train_new_model) or loaded (rewards.trained_model)."""
+def load_reward_fn(hp: HParams, device: torch.device) -> tuple[rewards.RewardModel, dict | None]:
+    """The reward model, trained first (rewards.train_new_model; with its summary) or loaded."""
+    summary = None
     if hp.rewards.train_new_model is not None:
         reward_hp = hp.rewards.train_new_model
         reward_hp.run.save_dir = hp.run.save_dir
-        reward_model, _ = train_reward.train(reward_hp)
+        reward_model, summary = train_reward.train(reward_hp)
     else:
         if distributed.is_main():
             rewards.load_trained(hp.rewards.trained_model)  # rank 0 downloads; the others then read the cache
         distributed.barrier()
         reward_model = rewards.load_trained(hp.rewards.trained_model, device)
     reward_model.requires_grad_(False)
-    return reward_model.eval()
+    return reward_model.eval(), summary
+
+
+def mock_summary(hp: HParams, policy: Policy, ref_policy: Policy, reward_summary: dict, final: dict[str, float],
+                 n_queries: int = 256) -> dict:
+    """How the run did by the mock labeler's own judgement: its score of samples before and after PPO."""
+    labeler, _ = label.parse_mock_source(hp.rewards.train_new_model.labels.source)
+    queries = next(lm_tasks.query_batches(hp.task, policy.encoding, n_queries, mode="test", device=policy.device))
+    before, before_samples = label.labeler_verdict(ref_policy, hp.task, labeler, queries)
+    after, after_samples = label.labeler_verdict(policy, hp.task, labeler, queries)
+    heldout = reward_summary.get("heldout", {})
+    return {
+        "labeler": labeler,
+        "reward_model_heldout_accuracy": heldout.get("accuracy"), "heldout_count": heldout.get("count"),
+        "chance": heldout.get("chance"),
+        "true_score_before": before, "true_score_after": after,
+        "final_kl": final["objective/kl"], "final_kl_coef": final["objective/kl_coef"],
+        "samples": [{"query": q, "before": b, "before_score": bs, "after": a, "after_score": as_}
+                    for (q, b, bs), (_, a, as_) in list(zip(before_samples, after_samples))[:3]],
+    }
+
+
+def print_mock_summary(summary: dict) -> None:
+    logging.print_main("=" * 80)
+    logging.print_main(f"mock labeler {summary['labeler']!r}: reward model held-out accuracy "
+                       f"{summary['reward_model_heldout_accuracy']:.3f} (chance {summary['chance']:.2f}, "
+                       f"{summary['heldout_count']} labels)")
+    logging.print_main(f"true score of policy samples: {summary['true_score_before']:.3f} before PPO → "
+                       f"{summary['true_score_after']:.3f} after; final KL {summary['final_kl']:.2f} "
+                       f"(kl_coef {summary['final_kl_coef']:.3f})")
+    for pair in summary["samples"]:
+        logging.print_main(f"query:  {pair['query']!r}\nbefore: {pair['before']!r} ({pair['before_score']:+.0f})\n"
+                           f"after:  {pair['after']!r} ({pair['after_score']:+.0f})")
 
 
 def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
@@ -329,8 +363,9 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
     distributed.broadcast_module(ref_model)
     ref_model.requires_grad_(False)
     policy, ref_policy = Policy(model, encoding, hp.task), Policy(ref_model.eval(), encoding, hp.task)
+    reward_summary = None
     if reward_fn is None:
-        reward_fn = load_reward_fn(hp, device)
+        reward_fn, reward_summary = load_reward_fn(hp, device)
         if reward_fn.encoding.name != encoding_name:
             raise UserError(f"the reward model uses the {reward_fn.encoding.name!r} encoding but the policy "
                             f"{hp.task.policy.initial_model!r} uses {encoding_name!r}; their tokens are not compatible")
@@ -374,5 +409,12 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
         scalar_log.close()
     if save_dir is not None:
         save_policy(policy, encoding_name, save_dir, hp.total_updates)
+    summary = {"first": history[0], "last": history[-1], "history": history}
+    mock = hp.rewards.train_new_model is not None and hp.rewards.train_new_model.labels.source.startswith(label.MOCK_PREFIX)
+    if mock and reward_summary is not None and distributed.is_main():
+        summary["mock"] = mock_summary(hp, policy, ref_policy, reward_summary, history[-1])
+        print_mock_summary(summary["mock"])
+        if save_dir is not None:
+            storage.atomic_write_text(save_dir / "mock_summary.json", json.dumps(summary["mock"], indent=2))
     distributed.barrier()
-    return policy, {"first": history[0], "last": history[-1], "history": history}
+    return policy, summary

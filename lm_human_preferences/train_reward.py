@@ -2,6 +2,7 @@
 
 import json
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import label_types, labels as label_files, lm_tasks
+from lm_human_preferences import label, label_types, labels as label_files, lm_tasks
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, reward_stats
@@ -211,10 +212,30 @@ def target_moments(label_type: label_types.LabelType, train_labels: label_files.
     return float(np.mean(scales)), float(np.std(scales))
 
 
-def load_labels(hp: HParams, encoding: encodings.Encoding) -> tuple[label_files.Labels, label_files.Labels]:
+def mock_labels(hp: HParams, policy: Policy, save_dir: Path | None, seed: int) -> str:
+    """Write a label file from a mock labeler (labels.source `mock:<labeler>[:<noise>]`); returns its path.
+
+    Responses come from the initial policy; a quarter more records than num_train are made, so
+    the records after num_train serve as the held-out set.
+    """
+    labeler, noise = label.parse_mock_source(hp.labels.source)
+    n_responses = len(label_types.get(hp.labels.type).response_keys)
+    if not isinstance(label_types.get(hp.labels.type), label_types.BestOfN):
+        raise UserError("mock labels are best_of_N labels; set labels.type to best_of_4 (or another N)")
+    path = None
+    if distributed.is_main():
+        path = (save_dir or Path(tempfile.mkdtemp())) / "labels.json"
+        logging.print_main(f"labelling {hp.labels.num_train * 5 // 4} queries × {n_responses} responses "
+                           f"with the {labeler!r} mock labeler (noise {noise}) → {path}")
+        records = label.generate(policy, hp.task, labeler, hp.labels.num_train * 5 // 4, noise, n_responses, seed)
+        label.write(records, path)
+    return str(distributed.broadcast_object(str(path)))
+
+
+def load_labels(hp: HParams, encoding: encodings.Encoding, source: str) -> tuple[label_files.Labels, label_files.Labels]:
     """(training labels, held-out labels); rank 0 downloads the file first, the others then read it."""
     def read():
-        return label_files.load(hp.labels.source, label_types.get(hp.labels.type), hp.task.query_length,
+        return label_files.load(source, label_types.get(hp.labels.type), hp.task.query_length,
                                 hp.task.response_length, label_files.Vocabulary(encoding.n_vocab, encoding.padding_token))
 
     if distributed.is_main():
@@ -222,7 +243,7 @@ def load_labels(hp: HParams, encoding: encodings.Encoding) -> tuple[label_files.
     distributed.barrier()
     if not distributed.is_main():
         everything = read()
-    return label_files.split(everything, hp.labels.num_train, hp.labels.source)
+    return label_files.split(everything, hp.labels.num_train, source)
 
 
 def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: int) -> None:
@@ -249,7 +270,10 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
     ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
     policy = Policy(ref_model.eval(), encoding, hp.task)
     label_type = label_types.get(hp.labels.type)
-    train_labels, heldout = load_labels(hp, encoding)
+    source = hp.labels.source
+    if source.startswith(label.MOCK_PREFIX):
+        source = mock_labels(hp, policy, save_dir, seed)
+    train_labels, heldout = load_labels(hp, encoding, source)
 
     trainer = RewardModelTrainer(reward_model, policy, hp, seed)
     scalar_log = logging.ScalarLog(save_dir / "tb" / "reward_model" if save_dir else None)

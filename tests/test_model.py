@@ -42,7 +42,7 @@ def numpy_gpt2(params: dict[str, np.ndarray], hp: model.HParams, row: list[int],
     H = hp.n_head
     D = C // H
     for i in range(hp.n_layer):
-        p = lambda name: params[f"h.{i}.{name}"]
+        p = lambda name, i=i: params[f"h.{i}.{name}"]  # noqa: E731
         a = layer_norm(x, p("ln_1.weight"), p("ln_1.bias"))
         qkv = a @ p("attn.c_attn.weight").T + p("attn.c_attn.bias")
         out = np.zeros((T, C))

@@ -1,7 +1,8 @@
 """Query datasets → fixed-length query token streams (SPEC §4).
 
 `task.query_dataset` is one of
-  - a name: `books`, `cnndm`, `tldr` (the original's corpora) or `test` (random letters);
+  - a name: `books`, `cnndm`, `tldr` (the original's corpora), `kjv` (verses shipped with the
+    package, for the offline mock experiments) or `test` (random letters);
   - a local path or URL of a `.jsonl` (a JSON string, or an object with a `text` field, per
     line) or `.txt` (one text per line) file of texts;
   - `labels:<label file>`: the distinct queries of a label file, used as they are (they are
@@ -10,10 +11,12 @@ A text source is a function `(mode, seed) -> iterator of texts`, shuffled by `se
 streams repeat forever and are sharded across ranks.
 """
 
+import gzip
 import json
 import random
 import string
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -38,8 +41,19 @@ def random_letters(mode: str, seed: int) -> Iterator[str]:
         yield "".join(rng.choice(alphabet) for _ in range(40))
 
 
+def kjv_verses(mode: str, seed: int) -> Iterator[str]:
+    """Verses of the King James Version shipped with the package (every 5th verse; 1 in 10 of
+    them form the test split), the query dataset of the offline mock experiments."""
+    path = Path(__file__).resolve().parent.parent / "data" / "kjv_verses.txt.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        verses = [line.strip() for line in f if line.strip()]
+    verses = [v for i, v in enumerate(verses) if (i % 10 == 0) == (mode == "test")]
+    random.Random(seed).shuffle(verses)
+    yield from verses
+
+
 _DATASETS: dict[str, TextSource] = {"books": books_texts, "cnndm": cnndm_texts, "tldr": tldr_texts,
-                                     "test": random_letters}
+                                     "kjv": kjv_verses, "test": random_letters}
 
 
 def file_texts(path: str) -> TextSource:

@@ -129,7 +129,24 @@ def _test() -> Encoding:
     )
 
 
-_ENCODINGS: dict[str, Callable[[], Encoding]] = {"main": _main, "test": _test}
+CHARS = " abcdefghijklmnopqrstuvwxyz.,;:!?'-\n"
+
+
+def _chars() -> Encoding:
+    """Lower-case English characters, for the small packaged model: upper case folds to lower case
+    and any other character becomes a space."""
+    index = {c: i for i, c in enumerate(CHARS)}
+    return Encoding(
+        name="chars",
+        n_vocab=len(CHARS),
+        eot_token=index["\n"],
+        padding_token=len(CHARS),
+        _encode=lambda text: [index.get(c, 0) for c in text.lower()],
+        _decode=lambda ids: "".join(CHARS[i] for i in ids),
+    )
+
+
+_ENCODINGS: dict[str, Callable[[], Encoding]] = {"main": _main, "test": _test, "chars": _chars}
 
 
 def get(name: str) -> Encoding:

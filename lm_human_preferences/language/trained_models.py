@@ -1,8 +1,9 @@
 """Model names and folders → hparams, encodings and weights.
 
-Named models: `test` (random weights from a fixed seed) and OpenAI's GPT-2 releases `124M`,
-`355M`, `774M`, `1558M` (downloaded once from the gpt-2 bucket). A folder (local path or URL)
-may be in any of these layouts:
+Named models: `test` (random weights from a fixed seed), `kjv` (a 0.8M-parameter character
+model shipped in the package, trained by tools/train_small_lm.py) and OpenAI's GPT-2 releases
+`124M`, `355M`, `774M`, `1558M` (downloaded once from the gpt-2 bucket). A folder (local path
+or URL) may be in any of these layouts:
 
   ours (SPEC §9)     hparams.json, encoding, checkpoints/latest, checkpoints/model-<step>.safetensors
   original runs      hparams.json, encoding, checkpoints/checkpoint + TF checkpoint (scope <folder>/model)
@@ -28,6 +29,7 @@ from lm_human_preferences.utils.errors import UserError
 TEST_HPARAMS = HParams(n_vocab=27, n_ctx=8, n_embd=7, n_head=1, n_layer=2)
 GPT2_MODELS = ("124M", "355M", "774M", "1558M")
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{name}"
+PACKAGED = {"kjv": Path(__file__).resolve().parent.parent / "data" / "kjv"}
 KEEP_CHECKPOINTS = 5
 
 
@@ -52,7 +54,10 @@ def load_initial(name: str, heads: tuple[str, ...] = (), device: torch.device | 
         model = Model(TEST_HPARAMS, heads=heads)  # heads drawn from the caller's random state
         model.load_state_dict(trunk, strict=False)
         return model.to(device), "test"
-    saved = load(GPT2_URL.format(name=name) if name in GPT2_MODELS else name)
+    if name in PACKAGED:
+        saved = load(str(PACKAGED[name]))
+    else:
+        saved = load(GPT2_URL.format(name=name) if name in GPT2_MODELS else name)
     n_vocab = encodings.get(saved.encoding).n_vocab
     if saved.hparams.n_vocab != n_vocab:
         raise UserError(f"{name}: the model has {saved.hparams.n_vocab} tokens but its encoding {saved.encoding!r} "
@@ -98,7 +103,7 @@ def load(folder: str) -> Saved:
             return _load_tf(folder, checkpoint_dir)
     raise UserError(f"{folder}: no model here (looked for checkpoints/latest, checkpoints/checkpoint, checkpoint "
                     "and config.json); pass a save folder such as <save_dir>/policy or a model name "
-                    f"({', '.join(('test',) + GPT2_MODELS)})")
+                    f"({', '.join(('test', *PACKAGED, *GPT2_MODELS))})")
 
 
 def _hparams_and_encoding(folder: str) -> tuple[HParams, str]:
