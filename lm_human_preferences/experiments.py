@@ -74,7 +74,7 @@ def _test_reward() -> train_reward.HParams:
 
 def kjv_task() -> lm_tasks.TaskHParams:
     """Verses of the King James Version, answered by the small packaged character model."""
-    task = lm_tasks.TaskHParams(query_length=32, query_dataset="kjv", response_length=32, start_text=None,
+    task = lm_tasks.TaskHParams(query_length=32, query_dataset="kjv", response_length=48, start_text=None,
                                 end_text=" ")
     task.policy.temperature = 0.7
     task.policy.initial_model = "kjv"
@@ -83,7 +83,7 @@ def kjv_task() -> lm_tasks.TaskHParams:
 
 def _mock_reward(labeler: str) -> train_reward.HParams:
     """Labels from a mock labeler on the initial policy's samples, then a normalized best-of-4 reward model."""
-    hp = _normalized_best_of_4(kjv_task(), batch_size=32, lr=3e-4, rollout_batch_size=256)
+    hp = _normalized_best_of_4(kjv_task(), batch_size=32, lr=1e-3, rollout_batch_size=256)
     hp.labels.source, hp.labels.num_train = f"mock:{labeler}", 2048
     hp.run.seed = 1
     return hp
@@ -133,7 +133,7 @@ def _mock_policy(labeler: str) -> train_policy.HParams:
     hp.rewards.kl_coef = 0.15
     hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
     hp.rewards.train_new_model = TRAIN_REWARD[f"mock_{labeler}"]()
-    hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-4, 64 * 120, 64
+    hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-4, 64 * 100, 64
     hp.run.seed = 1
     return hp
 

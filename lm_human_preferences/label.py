@@ -44,21 +44,34 @@ def sample_texts(policy: Policy, task: lm_tasks.TaskHParams, queries: torch.Tens
 
 
 def generate(policy: Policy, task: lm_tasks.TaskHParams, labeler: str, num_records: int, noise: float = 0.0,
-             n_responses: int = 4, seed: int = 0) -> list[dict]:
-    """`num_records` best-of-n label records for the first queries of the task's training stream."""
+             n_responses: int = 4, seed: int = 0, skip_ties: bool = True) -> list[dict]:
+    """`num_records` best-of-n label records for queries of the task's training stream.
+
+    With `skip_ties`, a query whose responses the labeler scores all alike is not labelled
+    (a labeler with no preference would skip it) and the next query is tried instead.
+    """
     judge = labelers.get(labeler)
-    queries = next(lm_tasks.query_batches(task, policy.encoding, num_records, device=policy.device))
+    queries_stream = lm_tasks.query_batches(task, policy.encoding, SAMPLING_CHUNK // n_responses, device=policy.device)
     generator = torch.Generator(policy.device).manual_seed(seed)
-    responses, query_texts, texts = sample_texts(policy, task, queries.repeat_interleave(n_responses, 0), generator)
     rng = random.Random(seed)
-    records = []
-    for i, query in enumerate(queries.tolist()):
-        rows = range(i * n_responses, (i + 1) * n_responses)
-        scores = [judge(query_texts[r], texts[r]) for r in rows]
-        record = {"query": query}
-        record.update({f"sample{k}": responses[r].tolist() for k, r in enumerate(rows)})
-        record["best"] = labelers.choose_best(scores, noise, rng)
-        records.append(record)
+    records: list[dict] = []
+    tried = 0
+    while len(records) < num_records:
+        if tried >= 20 * num_records:
+            raise UserError(f"the {labeler!r} labeler scored the responses of {tried} queries all alike but for "
+                            f"{len(records)}; it cannot tell this policy's samples apart")
+        queries = next(queries_stream)
+        tried += len(queries)
+        responses, query_texts, texts = sample_texts(policy, task, queries.repeat_interleave(n_responses, 0), generator)
+        for i, query in enumerate(queries.tolist()):
+            rows = range(i * n_responses, (i + 1) * n_responses)
+            scores = [judge(query_texts[r], texts[r]) for r in rows]
+            if (skip_ties and len(set(scores)) == 1) or len(records) == num_records:
+                continue
+            record = {"query": query}
+            record.update({f"sample{k}": responses[r].tolist() for k, r in enumerate(rows)})
+            record["best"] = labelers.choose_best(scores, noise, rng)
+            records.append(record)
     return records
 
 

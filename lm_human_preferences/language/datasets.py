@@ -42,7 +42,7 @@ def random_letters(mode: str, seed: int) -> Iterator[str]:
 
 
 def kjv_verses(mode: str, seed: int) -> Iterator[str]:
-    """Verses of the King James Version shipped with the package (every 5th verse; 1 in 10 of
+    """Verses of the King James Version shipped with the package (every 2nd verse; 1 in 10 of
     them form the test split), the query dataset of the offline mock experiments."""
     path = Path(__file__).resolve().parent.parent / "data" / "kjv_verses.txt.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
