@@ -1,4 +1,4 @@
-"""Label files from a mock labeler (`./label.py`), and the labeler's verdict on a policy.
+"""Label files from a mock labeler (`./label.py`), and the labeler's verdict on policies.
 
 A label file is written in exactly the released schema (SPEC §5): a JSON list of
 `{"query": [...], "sample0".."sample{N-1}": [...], "best": i}` with padded token lists, so
@@ -15,6 +15,7 @@ import torch
 from lm_human_preferences import labelers, lm_tasks
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import storage
+from lm_human_preferences.utils.logging import print_main
 from lm_human_preferences.utils.errors import UserError
 
 MOCK_PREFIX = "mock:"
@@ -86,3 +87,35 @@ def labeler_verdict(policy: Policy, task: lm_tasks.TaskHParams, labeler: str, qu
     _, query_texts, texts = sample_texts(policy, task, queries, torch.Generator(policy.device).manual_seed(seed))
     scored = [(q, r, judge(q, r)) for q, r in zip(query_texts, texts)]
     return sum(s for _, _, s in scored) / len(scored), scored
+
+
+def mock_summary(task: lm_tasks.TaskHParams, source: str, policy: Policy, ref_policy: Policy, reward_summary: dict,
+                 final: dict[str, float], n_queries: int = 256) -> dict:
+    """How a run on mock labels (`source`) did by the labeler's own judgement: its score before and after PPO."""
+    labeler, _ = parse_mock_source(source)
+    queries = next(lm_tasks.query_batches(task, policy.encoding, n_queries, mode="test", device=policy.device))
+    before, before_samples = labeler_verdict(ref_policy, task, labeler, queries)
+    after, after_samples = labeler_verdict(policy, task, labeler, queries)
+    heldout = reward_summary.get("heldout", {})
+    return {
+        "labeler": labeler,
+        "reward_model_heldout_accuracy": heldout.get("accuracy"), "heldout_count": heldout.get("count"),
+        "chance": heldout.get("chance"),
+        "true_score_before": before, "true_score_after": after,
+        "final_kl": final["objective/kl"], "final_kl_coef": final["objective/kl_coef"],
+        "samples": [{"query": q, "before": b, "before_score": bs, "after": a, "after_score": as_}
+                    for (q, b, bs), (_, a, as_) in list(zip(before_samples, after_samples))[:3]],
+    }
+
+
+def print_mock_summary(summary: dict) -> None:
+    print_main("=" * 80)
+    print_main(f"mock labeler {summary['labeler']!r}: reward model held-out accuracy "
+                       f"{summary['reward_model_heldout_accuracy']:.3f} (chance {summary['chance']:.2f}, "
+                       f"{summary['heldout_count']} labels)")
+    print_main(f"true score of policy samples: {summary['true_score_before']:.3f} before PPO → "
+                       f"{summary['true_score_after']:.3f} after; final KL {summary['final_kl']:.2f} "
+                       f"(kl_coef {summary['final_kl_coef']:.3f})")
+    for pair in summary["samples"]:
+        print_main(f"query:  {pair['query']!r}\nbefore: {pair['before']!r} ({pair['before_score']:+.0f})\n"
+                           f"after:  {pair['after']!r} ({pair['after_score']:+.0f})")

@@ -314,38 +314,6 @@ def load_reward_fn(hp: HParams, device: torch.device) -> tuple[rewards.RewardMod
     return reward_model.eval(), summary
 
 
-def mock_summary(hp: HParams, policy: Policy, ref_policy: Policy, reward_summary: dict, final: dict[str, float],
-                 n_queries: int = 256) -> dict:
-    """How the run did by the mock labeler's own judgement: its score of samples before and after PPO."""
-    labeler, _ = label.parse_mock_source(hp.rewards.train_new_model.labels.source)
-    queries = next(lm_tasks.query_batches(hp.task, policy.encoding, n_queries, mode="test", device=policy.device))
-    before, before_samples = label.labeler_verdict(ref_policy, hp.task, labeler, queries)
-    after, after_samples = label.labeler_verdict(policy, hp.task, labeler, queries)
-    heldout = reward_summary.get("heldout", {})
-    return {
-        "labeler": labeler,
-        "reward_model_heldout_accuracy": heldout.get("accuracy"), "heldout_count": heldout.get("count"),
-        "chance": heldout.get("chance"),
-        "true_score_before": before, "true_score_after": after,
-        "final_kl": final["objective/kl"], "final_kl_coef": final["objective/kl_coef"],
-        "samples": [{"query": q, "before": b, "before_score": bs, "after": a, "after_score": as_}
-                    for (q, b, bs), (_, a, as_) in list(zip(before_samples, after_samples))[:3]],
-    }
-
-
-def print_mock_summary(summary: dict) -> None:
-    logging.print_main("=" * 80)
-    logging.print_main(f"mock labeler {summary['labeler']!r}: reward model held-out accuracy "
-                       f"{summary['reward_model_heldout_accuracy']:.3f} (chance {summary['chance']:.2f}, "
-                       f"{summary['heldout_count']} labels)")
-    logging.print_main(f"true score of policy samples: {summary['true_score_before']:.3f} before PPO → "
-                       f"{summary['true_score_after']:.3f} after; final KL {summary['final_kl']:.2f} "
-                       f"(kl_coef {summary['final_kl_coef']:.3f})")
-    for pair in summary["samples"]:
-        logging.print_main(f"query:  {pair['query']!r}\nbefore: {pair['before']!r} ({pair['before_score']:+.0f})\n"
-                           f"after:  {pair['after']!r} ({pair['after_score']:+.0f})")
-
-
 def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
     """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer)."""
     hp.validate()
@@ -412,8 +380,9 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
     summary = {"first": history[0], "last": history[-1], "history": history}
     mock = hp.rewards.train_new_model is not None and hp.rewards.train_new_model.labels.source.startswith(label.MOCK_PREFIX)
     if mock and reward_summary is not None and distributed.is_main():
-        summary["mock"] = mock_summary(hp, policy, ref_policy, reward_summary, history[-1])
-        print_mock_summary(summary["mock"])
+        summary["mock"] = label.mock_summary(hp.task, hp.rewards.train_new_model.labels.source, policy, ref_policy,
+                                             reward_summary, history[-1])
+        label.print_mock_summary(summary["mock"])
         if save_dir is not None:
             storage.atomic_write_text(save_dir / "mock_summary.json", json.dumps(summary["mock"], indent=2))
     distributed.barrier()

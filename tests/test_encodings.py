@@ -88,5 +88,13 @@ def test_test_encoding():
 
 
 def test_unknown_encoding():
-    with pytest.raises(UserError, match="unknown encoding 'gpt5'; known: main, test"):
+    with pytest.raises(UserError, match="unknown encoding 'gpt5'; known: chars, main, test"):
         encodings.get("gpt5")
+
+
+def test_chars_encoding():
+    enc = encodings.get("chars")
+    assert (enc.n_vocab, enc.padding_token) == (36, 36) and enc.decode([enc.eot_token]) == "\n"
+    assert enc.encode("Hi, there!\n") == [8, 9, 28, 0, 20, 8, 5, 18, 5, 31, 35]
+    assert enc.decode(enc.encode("And GOD said: é")) == "and god said:  "  # upper case folds, others → space
+    assert enc.decode([1, 36, 2]) == "ab"
