@@ -61,10 +61,6 @@ def query_formatter(task: TaskHParams, encoding: Encoding):
     return format_queries
 
 
-def context_length(task: TaskHParams, encoding: Encoding) -> int:
-    return len(encoding.encode(task.query_prefix)) + task.query_length + len(encoding.encode(task.query_suffix))
-
-
 def postprocess_responses(task: TaskHParams, responses: torch.Tensor, padding_token: int) -> torch.Tensor:
     """Every token after the first truncate_token at index ≥ truncate_after becomes padding."""
     if task.truncate_token is None:

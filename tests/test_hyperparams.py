@@ -119,7 +119,3 @@ def test_validate_catches_wrong_types_set_directly():
         hp.validate()
     Top().validate()
 
-
-def test_all_keys_lists_optional_group_fields():
-    keys = hyperparams.all_keys(Top())
-    assert "rewards.adaptive_kl.target" in keys and "ppo.lr" in keys and "seed" in keys

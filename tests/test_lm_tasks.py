@@ -55,7 +55,6 @@ def test_query_formatter_adds_prefix_and_suffix():
     fmt = lm_tasks.query_formatter(task(query_prefix="ab", query_suffix="z."), enc)
     out = fmt(torch.tensor([[5, 6, PAD, PAD]]))
     assert out.tolist() == [[0, 1, 5, 6, PAD, PAD, 25, 26]]
-    assert lm_tasks.context_length(task(query_prefix="ab", query_suffix="z."), enc) == 8
 
 
 def test_truncation_and_penalty_cases():

@@ -135,10 +135,6 @@ class HParams:
         else:
             setattr(self, name, _parse_scalar(full, inner, text))
 
-    def override_from_str_dict(self, overrides: dict[str, str]) -> None:
-        for key, text in overrides.items():
-            self.override_from_str(key, text)
-
     def override_from_dict(self, values: dict[str, Any], _prefix: str = "") -> None:
         """Set fields from a (possibly nested) dict of Python values, e.g. parsed JSON.
 
@@ -224,7 +220,3 @@ def _all_keys(hp: HParams, prefix: str) -> set[str]:
             keys |= _all_keys(group, prefix + name + ".")
     return keys
 
-
-def all_keys(hp: HParams) -> list[str]:
-    """Sorted dotted keys of `hp`, for help texts and suggestions."""
-    return sorted(_all_keys(hp, ""))
