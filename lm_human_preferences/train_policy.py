@@ -305,24 +305,15 @@ def load_reward_fn(hp: HParams, device: torch.device) -> tuple[rewards.RewardMod
         reward_hp = hp.rewards.train_new_model
         reward_hp.run.save_dir = hp.run.save_dir
         reward_model, summary = train_reward.train(reward_hp)
-    else:
-        if distributed.is_main():
-            rewards.load_trained(hp.rewards.trained_model)  # rank 0 downloads; the others then read the cache
-        distributed.barrier()
-        reward_model = rewards.load_trained(hp.rewards.trained_model, device)
+    else:  # rank 0 downloads; the others then read the cache
+        reward_model = distributed.main_first(lambda: rewards.load_trained(hp.rewards.trained_model, device))
     reward_model.requires_grad_(False)
     return reward_model.eval(), summary
 
 
 def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
     """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer)."""
-    hp.validate()
-    device = distributed.device()
-    seed = train_reward.resolve_seed(hp.run.seed)
-    torch.manual_seed(seed)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if save_dir is not None and distributed.is_main():
-        storage.atomic_write_text(save_dir / "train_policy_hparams.json", hp.to_json())
+    device, seed, save_dir = train_reward.start_run(hp, "train_policy_hparams.json")
 
     model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("value",), device=device)
     encoding = encodings.get(encoding_name)

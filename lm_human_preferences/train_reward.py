@@ -77,6 +77,17 @@ def resolve_seed(seed: Optional[int]) -> int:
     return distributed.broadcast_object(seed if seed is not None else random.randrange(2 ** 31))
 
 
+def start_run(hp: hyperparams.HParams, hparams_file: str) -> tuple[torch.device, int, Path | None]:
+    """Validate, seed, and (rank 0) save the resolved hparams: (device, seed, save_dir or None)."""
+    hp.validate()
+    seed = resolve_seed(hp.run.seed)
+    torch.manual_seed(seed)
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if save_dir is not None and distributed.is_main():
+        storage.atomic_write_text(save_dir / hparams_file, hp.to_json())
+    return distributed.device(), seed, save_dir
+
+
 class RewardModelTrainer:
     def __init__(self, reward_model: RewardModel, policy: Policy, hp: HParams, seed: int):
         self.reward_model = reward_model
@@ -238,12 +249,7 @@ def load_labels(hp: HParams, encoding: encodings.Encoding, source: str) -> tuple
         return label_files.load(source, label_types.get(hp.labels.type), hp.task.query_length,
                                 hp.task.response_length, label_files.Vocabulary(encoding.n_vocab, encoding.padding_token))
 
-    if distributed.is_main():
-        everything = read()
-    distributed.barrier()
-    if not distributed.is_main():
-        everything = read()
-    return label_files.split(everything, hp.labels.num_train, source)
+    return label_files.split(distributed.main_first(read), hp.labels.num_train, source)
 
 
 def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: int) -> None:
@@ -255,13 +261,7 @@ def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: in
 
 def train(hp: HParams) -> tuple[RewardModel, dict]:
     """Train a reward model per `hp`; returns it and a summary (final train stats, held-out metrics)."""
-    hp.validate()
-    device = distributed.device()
-    seed = resolve_seed(hp.run.seed)
-    torch.manual_seed(seed)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if save_dir is not None and distributed.is_main():
-        storage.atomic_write_text(save_dir / "train_reward_hparams.json", hp.to_json())
+    device, seed, save_dir = start_run(hp, "train_reward_hparams.json")
 
     model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("reward",), device=device)
     encoding = encodings.get(encoding_name)

@@ -55,6 +55,16 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def main_first(fn: Callable):
+    """fn() on rank 0 first, then on the other ranks (e.g. so only rank 0 downloads); returns its result."""
+    if is_main():
+        result = fn()
+    barrier()
+    if not is_main():
+        result = fn()
+    return result
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
