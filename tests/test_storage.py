@@ -1,6 +1,7 @@
 import errno
 import fcntl
 import os
+import re
 import subprocess
 import sys
 
@@ -54,7 +55,9 @@ def test_retries_server_errors_then_succeeds(http_server):
 
 
 def test_404_is_not_retried_and_names_the_url(http_server, tmp_path):
-    with pytest.raises(UserError, match=rf"{BASE}/gpt-2/nothing-here.json: not found \(HTTP 404\)"):
+    expected = (f"{http_server.url}/gpt-2/nothing-here.json: not found (HTTP 404); "
+                f"mirror (LMHP_MIRROR) of {BASE}/gpt-2/nothing-here.json; cache file ")
+    with pytest.raises(UserError, match=re.escape(expected)):
         storage.fetch("gs://gpt-2/nothing-here.json", backoff=0.01)
     assert http_server.count("gpt-2/nothing-here.json") == 1
     assert not storage.exists("gs://gpt-2/nothing-here.json")
@@ -102,7 +105,7 @@ def test_waiting_for_a_held_lock_times_out_clearly(http_server, monkeypatch):
     fcntl.flock(fd, fcntl.LOCK_EX)
     monkeypatch.setenv("LMHP_LOCK_TIMEOUT", "0.5")
     try:
-        with pytest.raises(UserError, match="waited 0 s for another process downloading"):
+        with pytest.raises(UserError, match="waited 0 s for another process downloading it"):
             storage.fetch("gs://gpt-2/locked.bin")
     finally:
         os.close(fd)
@@ -116,7 +119,10 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(http_server, tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(UserError, match="disk full while saving .*full.bin"):
+    target = storage.cache_path(storage.canonical_url("gs://gpt-2/full.bin"))
+    expected = (f"{http_server.url}/gpt-2/full.bin: disk full while saving the download; "
+                f"mirror (LMHP_MIRROR) of {BASE}/gpt-2/full.bin; cache file {target}; free space or set LMHP_CACHE_DIR")
+    with pytest.raises(UserError, match=re.escape(expected)):
         storage.fetch("gs://gpt-2/full.bin")
     assert _cache_files(tmp_path) == []
     with pytest.raises(UserError, match="disk full while writing"):
