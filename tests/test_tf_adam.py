@@ -44,3 +44,48 @@ def test_first_step_differs_from_pytorch_adam_with_small_gradients():
     tf_expected = np.sqrt(0.001) * 1e-6 / (np.sqrt(0.001) * 1e-6 + 1e-5)
     np.testing.assert_allclose(-a.detach().numpy(), tf_expected, rtol=1e-9)
     np.testing.assert_allclose(-b.detach().numpy(), 1e-6 / (1e-6 + 1e-5), rtol=1e-9)
+
+
+def test_tf_adam_state_dict_round_trips_exactly():
+    """A resumed optimizer continues exactly as the uninterrupted one."""
+    torch.manual_seed(0)
+    grads = [[torch.randn(3, 4), torch.randn(5)] for _ in range(4)]
+    a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = TFAdam(a, lr=1e-2)
+    for g in grads[:2]:
+        for p, gi in zip(a, g):
+            p.grad = gi.clone()
+        opt_a.step()
+    saved = opt_a.state_dict()
+    with torch.no_grad():
+        for p, q in zip(b, a):
+            q_copy = q.detach().clone()
+            p.copy_(q_copy)
+    opt_b = TFAdam(b, lr=5.0, eps=1.0)  # the loaded state replaces lr and eps
+    opt_b.load_state_dict(saved)
+    assert opt_b.param_groups[0]["eps"] == 1e-5 and opt_b.param_groups[0]["lr"] == 1e-2
+    for g in grads[2:]:
+        for opt, params in ((opt_a, a), (opt_b, b)):
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert opt_a.param_groups[0]["eps"] == 1e-5  # TF's ε is what the group shows after a step
+
+
+def test_tf_adam_parameters_on_different_steps_follow_the_rule_each():
+    """A parameter that joins late (no gradient in the first steps) gets its own bias correction."""
+    rng = np.random.default_rng(1)
+    theta = [rng.normal(size=(4,)), rng.normal(size=(2,))]
+    grads0 = [rng.normal(size=(4,)) for _ in range(3)]
+    grads1 = [rng.normal(size=(2,)) for _ in range(2)]
+    p0, p1 = (torch.nn.Parameter(torch.tensor(t)) for t in theta)
+    opt = TFAdam([p0, p1], lr=1e-2)
+    for step in range(3):
+        p0.grad = torch.tensor(grads0[step])
+        p1.grad = torch.tensor(grads1[step - 1]) if step >= 1 else None
+        opt.step()
+    np.testing.assert_allclose(p0.detach().numpy(), tf1_adam_reference(theta[0], grads0, [1e-2] * 3), rtol=1e-10)
+    np.testing.assert_allclose(p1.detach().numpy(), tf1_adam_reference(theta[1], grads1, [1e-2] * 2), rtol=1e-10)

@@ -6,40 +6,75 @@ TF1's AdamOptimizer updates
 i.e. ε is added to sqrt(v) *before* bias correction; PyTorch's Adam adds it after. The
 difference matters in the first steps (PyTorch's first updates are much larger with
 ε = 1e-5), so PPO and reward training use this optimizer to reproduce the original.
+
+PyTorch's Adam updates θ ← θ − lr / (1 − β1^t) · m / (sqrt(v) / sqrt(1 − β2^t) + ε'). With
+ε' = ε / sqrt(1 − β2^t) that is exactly TF's rule, so this optimizer is torch.optim.Adam
+(its fused kernel where the parameters allow it, else foreach) with ε' set before each
+step. `param_groups[i]["eps"]` always shows TF's ε; the state is torch.optim.Adam's
+(`step`, `exp_avg`, `exp_avg_sq`), so state_dict/load_state_dict round-trip exactly.
 """
 
+import copy
 import math
 
 import torch
 
+_FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
-class TFAdam(torch.optim.Optimizer):
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """The fused kernel takes floating-point tensors on CPU, CUDA, MPS and XPU, all on one device type."""
+    types = {p.device.type for p in params}
+    return (len(types) <= 1 and types <= {"cpu", "cuda", "mps", "xpu"}
+            and all(p.dtype in _FUSED_DTYPES and not p.is_sparse for p in params))
+
+
+class TFAdam(torch.optim.Adam):
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-5):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        params = list(params)
+        flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        fused = _fused_supported(flat)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                dtype = torch.promote_types(p.dtype, torch.float32)  # moments at least float32
-                if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(p, dtype=dtype)
-                    state["v"] = torch.zeros_like(p, dtype=dtype)
-                state["step"] += 1
-                t = state["step"]
-                grad = p.grad.to(dtype)
-                state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                lr_t = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                update = state["m"] / (state["v"].sqrt() + group["eps"])
-                p.add_(update.to(p.dtype), alpha=-lr_t)
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            started = [p for p in with_grad if self.state.get(p)]
+            done = []  # steps taken so far, read in one device sync
+            if started:
+                device = self.state[started[0]]["step"].device
+                done = torch.stack([self.state[p]["step"].to(device, torch.float64) for p in started]).tolist()
+            steps = dict(zip(started, done))
+            by_step: dict[int, list[torch.Tensor]] = {}  # parameters on the same step share ε'
+            for p in with_grad:
+                by_step.setdefault(int(steps.get(p, 0)) + 1, []).append(p)
+            all_params, tf_eps = group["params"], group["eps"]
+            try:
+                for t, params in by_step.items():
+                    group["params"] = params
+                    group["eps"] = tf_eps / math.sqrt(1 - group["betas"][1] ** t)
+                    self._step_group(group)
+            finally:
+                group["params"], group["eps"] = all_params, tf_eps
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        """torch.optim.Adam's step for one group (its public step() iterates self.param_groups)."""
+        saved = self.param_groups
+        self.param_groups = [group]
+        try:
+            super().step()
+        finally:
+            self.param_groups = saved
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a copy: torch.optim.Adam would otherwise share the saved step and moment tensors."""
+        super().load_state_dict(copy.deepcopy(state_dict))
 
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
