@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import experiments, label, lm_tasks, train_policy
+from lm_human_preferences import experiments, lm_tasks, run, train_policy
+from lm_human_preferences.labeling import collect, label_files, mock_labelers
 from lm_human_preferences.language import encodings, hf, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import distributed, storage
@@ -124,8 +125,7 @@ def launch(args: list[str]) -> None:
     print(hp.to_json())
     if dry_run:
         return
-    train = experiments.train_function(mode)
-    distributed.run(train, (hp,), ranks)
+    distributed.run(experiments.train_function(mode, hp), (hp,), ranks)
 
 
 def _sample_rank(save_dir: str, savescope: str, temperature: float, seed: int | None, batch_size: int,
@@ -139,7 +139,7 @@ def _sample_rank(save_dir: str, savescope: str, temperature: float, seed: int | 
     policy = Policy(model.eval(), encoding, hp.task)
     seed = distributed.broadcast_object(seed if seed is not None else int(torch.randint(2 ** 31, ()).item()))
     rank, world = distributed.rank(), distributed.world_size()
-    generator = torch.Generator(device).manual_seed(seed + rank * 100003)
+    generator = run.rank_generator(seed, device)
     queries = lm_tasks.query_batches(hp.task, encoding, batch_size, mode="test", rank=rank, world=world,
                                      device=device)
     printed = 0
@@ -232,8 +232,8 @@ def label_command(args: list[str]) -> None:
     out = Path(flags.pop("out"))
     n = _parse_int(flags, "n", 1000)
     seed = _parse_int(flags, "seed", 0)
-    source = hp.labels.source if hp.labels.source.startswith(label.MOCK_PREFIX) else None
-    labeler = flags.pop("labeler", None) or (label.parse_mock_source(source)[0] if source else None)
+    source = hp.labels.source if hp.labels.source.startswith(mock_labelers.MOCK_PREFIX) else None
+    labeler = flags.pop("labeler", None) or (mock_labelers.parse_source(source)[0] if source else None)
     if labeler is None:
         raise UserError(f"experiment {args[0]!r} has no mock labeler; choose one with --labeler")
     try:
@@ -249,8 +249,9 @@ def label_command(args: list[str]) -> None:
     device = distributed.device()
     model, encoding_name = trained_models.load_initial(policy_name, device=device)
     policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
-    records = label.generate(policy, hp.task, labeler, n, noise, seed=seed)
-    label.write(records, out)
+    records = collect.collect(policy, hp.task, collect.MockLabeler(labeler, noise, seed), n, seed=seed,
+                              chunk_size=hp.run.chunk_size)
+    label_files.write(records, out)
     print(f"wrote {len(records)} {labeler} labels to {out}")
 
 

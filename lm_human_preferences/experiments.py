@@ -1,11 +1,12 @@
-"""The named experiments of SPEC §8 (the original's launch.py), as plain factories.
+"""The named experiments (the original's launch.py), as plain factories.
 
 `get("train_reward", name)` and `get("train_policy", name)` return fresh hparams.
 """
 
+import functools
 from collections.abc import Callable
 
-from lm_human_preferences import lm_tasks, train_policy, train_reward
+from lm_human_preferences import demo, lm_tasks, train_policy, train_reward
 from lm_human_preferences.utils.errors import UserError
 
 LABELS = "gs://lm-human-preferences/labels"
@@ -73,9 +74,8 @@ def _test_reward() -> train_reward.HParams:
 
 
 def kjv_task() -> lm_tasks.TaskHParams:
-    """Verses of the King James Version, answered by the small packaged character model."""
-    task = lm_tasks.TaskHParams(query_length=32, query_dataset="kjv", response_length=48, start_text=None,
-                                end_text=" ")
+    """The first words of King James verses, continued by the small packaged word-level model."""
+    task = lm_tasks.TaskHParams(query_length=12, query_dataset="kjv", response_length=16, start_text=None)
     task.policy.temperature = 0.7
     task.policy.initial_model = "kjv"
     return task
@@ -133,6 +133,7 @@ def _mock_policy(labeler: str) -> train_policy.HParams:
     hp.rewards.kl_coef = 0.15
     hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
     hp.rewards.train_new_model = TRAIN_REWARD[f"mock_{labeler}"]()
+    hp.rewards.train_new_model.run.seed = None  # the policy's seed: --run.seed S replays the whole demo
     hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-4, 64 * 100, 64
     hp.run.seed = 1
     return hp
@@ -156,8 +157,11 @@ def _check_mode(mode: str) -> None:
         raise UserError(f"unknown mode {mode!r}; use train_reward or train_policy")
 
 
-def train_function(mode: str) -> Callable:
+def train_function(mode: str, hp) -> Callable:
+    """The function that runs `hp` on each rank; runs on mock labels go through the offline demo."""
     _check_mode(mode)
+    if demo.uses_mock_labels(hp):
+        return functools.partial(demo.train, mode)
     return {"train_reward": train_reward.train, "train_policy": train_policy.train}[mode]
 
 

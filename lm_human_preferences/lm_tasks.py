@@ -1,4 +1,4 @@
-"""The task: which queries, how they are formatted, and how responses are truncated (SPEC §4, §7)."""
+"""The task: which queries, how they are formatted, and how responses are truncated (docs/original.md)."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field

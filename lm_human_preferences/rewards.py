@@ -1,4 +1,4 @@
-"""The reward model: initial LM + `reward` head + a scalar affine "reward norm" (SPEC §6)."""
+"""The reward model: initial LM + `reward` head + a scalar affine "reward norm" (docs/original.md, "Reward model")."""
 
 import torch
 from torch import nn

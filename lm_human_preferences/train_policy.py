@@ -1,4 +1,4 @@
-"""PPO fine-tuning of a policy against a reward model (SPEC §7): `./launch.py train_policy ...`."""
+"""PPO fine-tuning of a policy against a reward model: `./launch.py train_policy ...` (docs/original.md, "PPO")."""
 
 import json
 import time
@@ -10,9 +10,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import label, lm_tasks, rewards, train_reward
+from lm_human_preferences import lm_tasks, rewards, train_reward
+from lm_human_preferences.labeling import collect
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.policy import Policy
+from lm_human_preferences.run import RunHParams, rank_generator, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
@@ -51,7 +53,7 @@ class PpoHParams(hyperparams.HParams):
 
 @dataclass
 class HParams(hyperparams.HParams):
-    run: train_reward.RunHParams = field(default_factory=train_reward.RunHParams)
+    run: RunHParams = field(default_factory=RunHParams)
     task: lm_tasks.TaskHParams = field(default_factory=lm_tasks.TaskHParams)
     rewards: RewardHParams = field(default_factory=RewardHParams)
     ppo: PpoHParams = field(default_factory=PpoHParams)
@@ -77,8 +79,6 @@ class HParams(hyperparams.HParams):
         if ppo.whiten_rewards and minibatch < 8:
             raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
                             "(raise ppo.batch_size, lower ppo.nminibatches or ranks, or set ppo.whiten_rewards off)")
-        if self.run.chunk_size is not None and self.run.chunk_size <= 0:
-            raise UserError(f"run.chunk_size must be positive or None, got {self.run.chunk_size}")
 
     @property
     def total_updates(self) -> int:
@@ -204,7 +204,7 @@ class PPOTrainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.batch_size = core.exact_div(hp.ppo.batch_size, self.world)  # this rank's rollouts per update
         self.minibatch_size = core.exact_div(self.batch_size, hp.ppo.nminibatches)
-        self.generator = torch.Generator(policy.device).manual_seed(seed + self.rank * 100003)
+        self.generator = rank_generator(seed, policy.device)
         self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size, rank=self.rank,
                                               world=self.world, device=policy.device)
         self.score_fn = make_score_fn(hp.task, reward_fn, policy.encoding.padding_token, hp.run.chunk_size)
@@ -214,7 +214,7 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollouts(self) -> dict[str, torch.Tensor]:
-        """Sample, score and reward one batch (SPEC §7 steps 1–4)."""
+        """Sample, score and reward one batch (steps 1–4 of an update in docs/original.md)."""
         chunk = self.hp.run.chunk_size
         queries = next(self.queries)
         rollouts = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
@@ -233,11 +233,9 @@ class PPOTrainer:
             advantages, returns = advantages_and_returns(mb["rewards"], mb["values"], ppo.gamma, ppo.lam,
                                                          ppo.whiten_rewards)
         rows = len(advantages)
-        chunk = self.hp.run.chunk_size or rows
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, torch.Tensor] = {}
-        for start in range(0, rows, chunk):
-            part = slice(start, start + chunk)
+        for part in core.row_slices(rows, self.hp.run.chunk_size):
             out = self.policy.analyze_responses(mb["queries"][part], mb["responses"][part])
             loss, chunk_stats = ppo_loss(mb["logprobs"][part], mb["values"][part], advantages[part], returns[part],
                                          out["logprobs"], out["values"].float(), out["entropies"], ppo)
@@ -270,9 +268,7 @@ class PPOTrainer:
             "objective/score_total": rollouts["non_score_reward"].sum(1).mean() + rollouts["scores"].mean(),
         }
         local.update({k: torch.stack([s[k] for s in ppo_stats]).mean() for k in ppo_stats[0]})
-        names = list(local)
-        means = distributed.all_reduce_mean(torch.stack([local[k].float() for k in names]))
-        stats = dict(zip(names, means.tolist()))
+        stats = distributed.mean_stats(local)
         stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
         stats["objective/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
@@ -298,83 +294,110 @@ def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int,
                                        policy.model.state_dict(), update)
 
 
-def load_reward_fn(hp: HParams, device: torch.device) -> tuple[rewards.RewardModel, dict | None]:
-    """The reward model, trained first (rewards.train_new_model; with its summary) or loaded."""
+def load_reward_model(hp: HParams, encoding_name: str) -> tuple[rewards.RewardModel, dict | None]:
+    """The frozen reward model, trained first (rewards.train_new_model; with its summary) or loaded."""
     summary = None
     if hp.rewards.train_new_model is not None:
         reward_hp = hp.rewards.train_new_model
         reward_hp.run.save_dir = hp.run.save_dir
         reward_model, summary = train_reward.train(reward_hp)
     else:  # rank 0 downloads; the others then read the cache
-        reward_model = distributed.main_first(lambda: rewards.load_trained(hp.rewards.trained_model, device))
+        reward_model = distributed.main_first(lambda: rewards.load_trained(hp.rewards.trained_model, distributed.device()))
+    if reward_model.encoding.name != encoding_name:
+        raise UserError(f"the reward model uses the {reward_model.encoding.name!r} encoding but the policy "
+                        f"{hp.task.policy.initial_model!r} uses {encoding_name!r}; their tokens are not compatible")
     reward_model.requires_grad_(False)
     return reward_model.eval(), summary
 
 
-def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
-    """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer)."""
-    device, seed, save_dir = train_reward.start_run(hp, "train_policy_hparams.json")
-
+def load_policies(hp: HParams, device: torch.device) -> tuple[Policy, Policy, str]:
+    """(policy with a value head, frozen reference policy, encoding name), equal on every rank."""
     model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("value",), device=device)
-    encoding = encodings.get(encoding_name)
-    distributed.broadcast_module(model)
     ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
+    distributed.broadcast_module(model)
     distributed.broadcast_module(ref_model)
     ref_model.requires_grad_(False)
-    policy, ref_policy = Policy(model, encoding, hp.task), Policy(ref_model.eval(), encoding, hp.task)
-    reward_summary = None
-    if reward_fn is None:
-        reward_fn, reward_summary = load_reward_fn(hp, device)
-        if reward_fn.encoding.name != encoding_name:
-            raise UserError(f"the reward model uses the {reward_fn.encoding.name!r} encoding but the policy "
-                            f"{hp.task.policy.initial_model!r} uses {encoding_name!r}; their tokens are not compatible")
+    encoding = encodings.get(encoding_name)
+    return Policy(model, encoding, hp.task), Policy(ref_model.eval(), encoding, hp.task), encoding_name
 
-    trainer = PPOTrainer(policy, ref_policy, reward_fn, hp, seed)
+
+def log_update(hp: HParams, update: int, stats: dict[str, float], rollouts: dict[str, torch.Tensor],
+               encoding: encodings.Encoding, scalar_log: logging.ScalarLog, bar) -> None:
+    """TensorBoard every update; the progress bar; stats and 3 samples every log_interval updates."""
+    scalar_log.scalars(stats, update)
+    eps = hp.ppo.batch_size / stats["elapsed/step_time"]
+    bar.update(1)
+    bar.set_postfix(eps=f"{eps:.1f}/s", score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+    if update % hp.run.log_interval == 0:
+        logging.print_main(f"[ppo_step {update}] step_time={stats['elapsed/step_time']:.2f}s, eps/s={eps:.2f}")
+        logging.print_main(logging.format_stats(stats))
+        print_samples(rollouts, encoding, hp.rewards.kl_coef)
+
+
+def elapsed_stats(hp: HParams, update: int, step_time: float, started: float) -> dict[str, float]:
+    steps = update + 1
+    return {
+        "elapsed/updates": steps,
+        "elapsed/steps/serial": steps * hp.task.response_length,
+        "elapsed/steps/total": steps * hp.ppo.batch_size * hp.task.response_length,
+        "elapsed/episodes": steps * hp.ppo.batch_size,
+        "elapsed/fps": int(hp.ppo.batch_size * hp.task.response_length / step_time),  # tokens/s
+        "elapsed/time": time.time() - started,
+        "elapsed/step_time": step_time,
+    }
+
+
+def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encoding_name: str) -> list[dict[str, float]]:
+    """Every PPO update, with logging and checkpoints; as the original, a run that stops early
+    keeps what it trained in a checkpoint."""
     scalar_log = logging.ScalarLog(save_dir / "tb" / "ppo" if save_dir else None)
-    started = time.time()
     history: list[dict[str, float]] = []
+    started = time.time()
     try:
         with logging.progress(hp.total_updates, "ppo", "update") as bar:
             for update in range(hp.total_updates):
                 step_started = time.time()
                 stats, rollouts = trainer.step(update)
-                step_time = time.time() - step_started
-                steps = update + 1
-                stats.update({
-                    "elapsed/updates": steps,
-                    "elapsed/steps/serial": steps * hp.task.response_length,
-                    "elapsed/steps/total": steps * hp.ppo.batch_size * hp.task.response_length,
-                    "elapsed/episodes": steps * hp.ppo.batch_size,
-                    "elapsed/fps": int(hp.ppo.batch_size * hp.task.response_length / step_time),  # tokens/s
-                    "elapsed/time": time.time() - started,
-                })
+                stats.update(elapsed_stats(hp, update, time.time() - step_started, started))
                 history.append(stats)
-                scalar_log.scalars(stats, update)
-                bar.update(1)
-                bar.set_postfix(eps=f"{hp.ppo.batch_size / step_time:.1f}/s", score=f"{stats['objective/score']:.3f}",
-                                kl=f"{stats['objective/kl']:.3f}")
-                if update % hp.run.log_interval == 0:
-                    logging.print_main(f"[ppo_step {update}] step_time={step_time:.2f}s, "
-                                       f"eps/s={hp.ppo.batch_size / step_time:.2f}")
-                    logging.print_main(logging.format_stats(stats))
-                    print_samples(rollouts, encoding, hp.rewards.kl_coef)
-                if save_dir is not None and steps % hp.run.save_interval == 0:
-                    save_policy(policy, encoding_name, save_dir, steps)
-    except BaseException:  # as the original: keep what was trained when a run stops early
+                log_update(hp, update, stats, rollouts, trainer.policy.encoding, scalar_log, bar)
+                if save_dir is not None and (update + 1) % hp.run.save_interval == 0:
+                    save_policy(trainer.policy, encoding_name, save_dir, update + 1)
+    except BaseException:
         if save_dir is not None and history:
-            save_policy(policy, encoding_name, save_dir, len(history), check_replicas=False)
+            save_policy(trainer.policy, encoding_name, save_dir, len(history), check_replicas=False)
         raise
     finally:
         scalar_log.close()
+    return history
+
+
+def before_after_samples(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, seed: int,
+                         n: int = 8) -> list[dict[str, str]]:
+    """The initial and the trained policy's (truncated) responses to the first `n` test queries."""
+    queries = next(lm_tasks.query_batches(task, policy.encoding, n, mode="test", device=policy.device))
+    _, query_texts, before = collect.sample_texts(ref_policy, task, queries, torch.Generator(policy.device).manual_seed(seed), None)
+    _, _, after = collect.sample_texts(policy, task, queries, torch.Generator(policy.device).manual_seed(seed), None)
+    return [dict(query=q, before=b, after=a) for q, b, a in zip(query_texts, before, after)]
+
+
+def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
+    """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer).
+
+    Returns the policy and a summary: the first and last update's stats, every update's stats
+    ("history") and, when a reward model was trained first, its summary ("reward_model").
+    """
+    device, seed, save_dir = start_run(hp, "train_policy_hparams.json")
+    policy, ref_policy, encoding_name = load_policies(hp, device)
+    reward_summary = None
+    if reward_fn is None:
+        reward_fn, reward_summary = load_reward_model(hp, encoding_name)
+    trainer = PPOTrainer(policy, ref_policy, reward_fn, hp, seed)
+    history = run_updates(trainer, hp, save_dir, encoding_name)
     if save_dir is not None:
         save_policy(policy, encoding_name, save_dir, hp.total_updates)
-    summary = {"first": history[0], "last": history[-1], "history": history}
-    mock = hp.rewards.train_new_model is not None and hp.rewards.train_new_model.labels.source.startswith(label.MOCK_PREFIX)
-    if mock and reward_summary is not None and distributed.is_main():
-        summary["mock"] = label.mock_summary(hp.task, hp.rewards.train_new_model.labels.source, policy, ref_policy,
-                                             reward_summary, history[-1])
-        label.print_mock_summary(summary["mock"])
-        if save_dir is not None:
-            storage.atomic_write_text(save_dir / "mock_summary.json", json.dumps(summary["mock"], indent=2))
+        if distributed.is_main():
+            samples = before_after_samples(policy, ref_policy, hp.task, seed)
+            storage.atomic_write_text(save_dir / "samples.json", json.dumps(samples, indent=1))
     distributed.barrier()
-    return policy, summary
+    return policy, {"first": history[0], "last": history[-1], "history": history, "reward_model": reward_summary}

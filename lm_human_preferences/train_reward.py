@@ -1,8 +1,6 @@
-"""Reward model training from human labels (SPEC §6): `./launch.py train_reward ...`."""
+"""Reward model training from human labels: `./launch.py train_reward ...` (docs/original.md, "Reward model")."""
 
 import json
-import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -10,10 +8,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import label, label_types, labels as label_files, lm_tasks
+from lm_human_preferences import lm_tasks
+from lm_human_preferences.labeling import label_files, label_types
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, reward_stats
+from lm_human_preferences.run import RunHParams, rank_generator, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
@@ -24,18 +24,6 @@ class LabelHParams(hyperparams.HParams):
     type: Optional[str] = None
     num_train: Optional[int] = None
     source: Optional[str] = None
-
-
-@dataclass
-class RunHParams(hyperparams.HParams):
-    seed: Optional[int] = None
-    log_interval: int = 10
-    save_interval: int = 50
-    save_dir: Optional[str] = None
-    # Memory knob: at most this many sequences per forward pass when sampling, scoring and
-    # computing gradients (micro-batches, gradients accumulated). None: whole batches at once.
-    # Results are the same, up to float rounding, for any value.
-    chunk_size: Optional[int] = 64
 
 
 @dataclass
@@ -50,6 +38,7 @@ class HParams(hyperparams.HParams):
     debug_normalize: int = 0  # samples used to check the normalization (0: no check)
     normalize_before: bool = False
     normalize_after: bool = False
+    epochs: int = 1  # passes over the labels; the original made one pass over human labels
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
@@ -58,8 +47,14 @@ class HParams(hyperparams.HParams):
                 raise UserError(f"hparam {_prefix}labels.{name} must be set")
         label_types.get(self.labels.type)
         world = distributed.world_size()
-        if self.labels.num_train <= 0 or self.batch_size <= 0:
-            raise UserError(f"{_prefix}labels.num_train and {_prefix}batch_size must be positive")
+        for name, value in (("labels.num_train", self.labels.num_train), ("batch_size", self.batch_size),
+                            ("rollout_batch_size", self.rollout_batch_size), ("epochs", self.epochs)):
+            if value <= 0:
+                raise UserError(f"{_prefix}{name} must be positive, got {value}")
+        if not 0 <= self.lr < float("inf"):
+            raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
+        if self.normalize_samples < 0 or self.debug_normalize < 0:
+            raise UserError(f"{_prefix}normalize_samples and {_prefix}debug_normalize must not be negative")
         if self.labels.num_train % self.batch_size:
             raise UserError(f"labels.num_train={self.labels.num_train} is not divisible by "
                             f"batch_size={self.batch_size}; change one of them")
@@ -68,24 +63,10 @@ class HParams(hyperparams.HParams):
                             f"must be divisible by the number of ranks ({world})")
         if (self.normalize_before or self.normalize_after) and self.normalize_samples <= 0:
             raise UserError("normalize_before/normalize_after need normalize_samples > 0")
-        if self.run.chunk_size is not None and self.run.chunk_size <= 0:
-            raise UserError(f"run.chunk_size must be positive or None, got {self.run.chunk_size}")
 
-
-def resolve_seed(seed: Optional[int]) -> int:
-    """The run's seed: as given, or drawn on rank 0 and shared with every rank."""
-    return distributed.broadcast_object(seed if seed is not None else random.randrange(2 ** 31))
-
-
-def start_run(hp: hyperparams.HParams, hparams_file: str) -> tuple[torch.device, int, Path | None]:
-    """Validate, seed, and (rank 0) save the resolved hparams: (device, seed, save_dir or None)."""
-    hp.validate()
-    seed = resolve_seed(hp.run.seed)
-    torch.manual_seed(seed)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if save_dir is not None and distributed.is_main():
-        storage.atomic_write_text(save_dir / hparams_file, hp.to_json())
-    return distributed.device(), seed, save_dir
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.labels.num_train // self.batch_size
 
 
 class RewardModelTrainer:
@@ -95,7 +76,7 @@ class RewardModelTrainer:
         self.hp = hp
         self.label_type = label_types.get(hp.labels.type)
         device = reward_model.device
-        self.generator = torch.Generator(device).manual_seed(seed + distributed.rank() * 100003)
+        self.generator = rank_generator(seed, device)
         self.queries = lm_tasks.query_batches(
             hp.task, reward_model.encoding, core.exact_div(hp.rollout_batch_size, distributed.world_size()),
             rank=distributed.rank(), world=distributed.world_size(), device=device)
@@ -136,46 +117,55 @@ class RewardModelTrainer:
         return rewards.view(n, r)
 
     def train(self, train_labels: label_files.Labels, seed: int, scalar_log: logging.ScalarLog) -> dict[str, float]:
-        """One pass over the labels in a permutation shared by all ranks; linear lr decay to 0."""
+        """`epochs` passes (the original: one) over the labels, each in a permutation shared by all
+        ranks; the lr decays linearly to 0 over all of them."""
         hp = self.hp
         num_train, world, rank = hp.labels.num_train, distributed.world_size(), distributed.rank()
         per_rank = core.exact_div(hp.batch_size, world)
-        order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed)).numpy()
+        total = hp.epochs * num_train
         params = list(self.reward_model.parameters())
         optimizer = TFAdam(params, lr=hp.lr, eps=1e-5)
-        label_key = self.label_type.label_key
         stats: dict[str, float] = {}
-        with logging.progress(num_train // hp.batch_size, "reward model", "batch") as bar:
-            for step, start in enumerate(range(0, num_train, hp.batch_size)):
-                optimizer.set_lr(hp.lr * (1 - start / num_train))
-                batch = train_labels[order[start + rank * per_rank:start + (rank + 1) * per_rank]]
-                labels = torch.as_tensor(batch.columns[label_key], device=self.reward_model.device)
-                optimizer.zero_grad(set_to_none=True)
-                batch_stats = self.accumulate_gradients(batch, labels)
-                distributed.average_gradients(params)
-                optimizer.step()
-                stats = {f"train/{k}": v.item() for k, v in _mean_over_ranks(batch_stats).items()}
-                stats["train/lr"] = optimizer.param_groups[0]["lr"]
-                scalar_log.scalars(stats, step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['train/loss']:.4f}")
-                if step % hp.run.log_interval == 0:
-                    logging.print_main(f"batch {step}:", logging.format_stats(stats))
+        with logging.progress(hp.total_steps, "reward model", "batch") as bar:
+            for epoch in range(hp.epochs):
+                order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+                for start in range(0, num_train, hp.batch_size):
+                    done = epoch * num_train + start
+                    step = done // hp.batch_size
+                    optimizer.set_lr(hp.lr * (1 - done / total))
+                    batch = train_labels[order[start + rank * per_rank:start + (rank + 1) * per_rank]]
+                    optimizer.zero_grad(set_to_none=True)
+                    batch_stats = self.accumulate_gradients(batch)
+                    distributed.average_gradients(params)
+                    optimizer.step()
+                    stats = {f"train/{k}": v for k, v in distributed.mean_stats(batch_stats).items()}
+                    stats["train/lr"] = optimizer.param_groups[0]["lr"]
+                    scalar_log.scalars(stats, step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['train/loss']:.4f}")
+                    if step % hp.run.log_interval == 0:
+                        logging.print_main(f"batch {step}:", logging.format_stats(stats))
         return stats
 
-    def accumulate_gradients(self, batch: label_files.Labels, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def labels_of(self, batch: label_files.Labels) -> torch.Tensor:
+        return torch.as_tensor(batch.columns[self.label_type.label_key], device=self.reward_model.device)
+
+    def records_per_chunk(self, default: int) -> int:
+        """Records per forward pass: run.chunk_size sequences, N sequences a record."""
+        return max(1, (self.hp.run.chunk_size or default) // len(self.label_type.response_keys))
+
+    def accumulate_gradients(self, batch: label_files.Labels) -> dict[str, torch.Tensor]:
         """Backpropagate the batch's loss in micro-batches of ≤ chunk_size sequences.
 
         Every loss is a mean over records, so a micro-batch's loss weighted by its share of the
         records gives the same gradient as the whole batch. Stats are computed on all rewards.
         """
-        n = len(labels)
-        per_chunk = max(1, (self.hp.run.chunk_size or n * len(self.label_type.response_keys))
-                        // len(self.label_type.response_keys))
+        n = len(batch)
+        labels = self.labels_of(batch)
         all_rewards = []
-        for start in range(0, n, per_chunk):
-            rewards = self.rewards_of(batch[start:start + per_chunk])
-            loss, _ = self.label_type.loss(rewards, labels[start:start + per_chunk])
+        for part in core.row_slices(n, self.records_per_chunk(n * len(self.label_type.response_keys))):
+            rewards = self.rewards_of(batch[part])
+            loss, _ = self.label_type.loss(rewards, labels[part])
             (loss * len(rewards) / n).backward()
             all_rewards.append(rewards.detach())
         _, stats = self.label_type.loss(torch.cat(all_rewards), labels)
@@ -183,36 +173,16 @@ class RewardModelTrainer:
 
     @torch.no_grad()
     def evaluate(self, heldout: label_files.Labels) -> dict[str, float]:
-        """Held-out metrics from sums over every rank's share: accuracy (best_of_N) or MSE and r."""
+        """The label type's held-out metrics, from sums over every rank's share of the records."""
         rank, world = distributed.rank(), distributed.world_size()
         shard = heldout[np.arange(rank, len(heldout), world)]
-        per_rank = max(1, (self.hp.run.chunk_size or self.hp.batch_size) // len(self.label_type.response_keys))
-        sums = torch.zeros(7, dtype=torch.float64, device=self.reward_model.device)
-        label_key = self.label_type.label_key
-        for start in range(0, len(shard), per_rank):
-            batch = shard[start:start + per_rank]
-            rewards = self.rewards_of(batch).double()
-            labels = torch.as_tensor(batch.columns[label_key], device=rewards.device)
-            if isinstance(self.label_type, label_types.BestOfN):
-                x = (rewards.argmax(dim=1) == labels).double()
-                y = torch.zeros_like(x)
-            else:
-                x = labels.double()
-                y = rewards[:, 0] if rewards.shape[1] == 1 else rewards[:, 1] - rewards[:, 0]
-            sums += torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
-                                 x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), ((x - y) ** 2).sum()])
-        n, sx, sy, sxx, syy, sxy, sse = distributed.all_reduce_sum(sums).tolist()
-        if isinstance(self.label_type, label_types.BestOfN):
-            return dict(count=int(n), accuracy=sx / n, chance=1 / len(self.label_type.response_keys))
-        cov, vx, vy = sxy / n - sx * sy / n ** 2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
-        corr = cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else 0.0
-        return dict(count=int(n), mse=sse / n, corr=corr)
-
-
-def _mean_over_ranks(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = list(stats)
-    values = distributed.all_reduce_mean(torch.stack([stats[n].detach().float() for n in names]))
-    return dict(zip(names, values))
+        no_rewards = torch.zeros(0, len(self.label_type.response_keys), dtype=torch.float64,
+                                 device=self.reward_model.device)
+        sums = self.label_type.metric_sums(no_rewards, self.labels_of(shard[:0]))  # zeros, if this rank has no records
+        for part in core.row_slices(len(shard), self.records_per_chunk(self.hp.batch_size)):
+            batch = shard[part]
+            sums += self.label_type.metric_sums(self.rewards_of(batch).double(), self.labels_of(batch))
+        return self.label_type.metrics(distributed.all_reduce_sum(sums).tolist())
 
 
 def target_moments(label_type: label_types.LabelType, train_labels: label_files.Labels) -> tuple[float, float]:
@@ -221,26 +191,6 @@ def target_moments(label_type: label_types.LabelType, train_labels: label_files.
     if scales is None:
         return 0.0, 1.0
     return float(np.mean(scales)), float(np.std(scales))
-
-
-def mock_labels(hp: HParams, policy: Policy, save_dir: Path | None, seed: int) -> str:
-    """Write a label file from a mock labeler (labels.source `mock:<labeler>[:<noise>]`); returns its path.
-
-    Responses come from the initial policy; a quarter more records than num_train are made, so
-    the records after num_train serve as the held-out set.
-    """
-    labeler, noise = label.parse_mock_source(hp.labels.source)
-    n_responses = len(label_types.get(hp.labels.type).response_keys)
-    if not isinstance(label_types.get(hp.labels.type), label_types.BestOfN):
-        raise UserError("mock labels are best_of_N labels; set labels.type to best_of_4 (or another N)")
-    path = None
-    if distributed.is_main():
-        path = (save_dir or Path(tempfile.mkdtemp())) / "labels.json"
-        logging.print_main(f"labelling {hp.labels.num_train * 5 // 4} queries × {n_responses} responses "
-                           f"with the {labeler!r} mock labeler (noise {noise}) → {path}")
-        records = label.generate(policy, hp.task, labeler, hp.labels.num_train * 5 // 4, noise, n_responses, seed)
-        label.write(records, path)
-    return str(distributed.broadcast_object(str(path)))
 
 
 def load_labels(hp: HParams, encoding: encodings.Encoding, source: str) -> tuple[label_files.Labels, label_files.Labels]:
@@ -270,10 +220,7 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
     ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
     policy = Policy(ref_model.eval(), encoding, hp.task)
     label_type = label_types.get(hp.labels.type)
-    source = hp.labels.source
-    if source.startswith(label.MOCK_PREFIX):
-        source = mock_labels(hp, policy, save_dir, seed)
-    train_labels, heldout = load_labels(hp, encoding, source)
+    train_labels, heldout = load_labels(hp, encoding, hp.labels.source)
 
     trainer = RewardModelTrainer(reward_model, policy, hp, seed)
     scalar_log = logging.ScalarLog(save_dir / "tb" / "reward_model" if save_dir else None)
@@ -286,10 +233,10 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
     if len(heldout):
         summary["heldout"] = trainer.evaluate(heldout)
         logging.print_main("held-out:", logging.format_stats(summary["heldout"]))
-        scalar_log.scalars({f"heldout/{k}": v for k, v in summary["heldout"].items()}, hp.labels.num_train // hp.batch_size)
+        scalar_log.scalars({f"heldout/{k}": v for k, v in summary["heldout"].items()}, hp.total_steps)
     scalar_log.close()
     if save_dir is not None:
-        save(reward_model, encoding_name, save_dir, hp.labels.num_train // hp.batch_size)
+        save(reward_model, encoding_name, save_dir, hp.total_steps)
         if distributed.is_main():
             storage.atomic_write_text(save_dir / "train_reward_summary.json", json.dumps(summary, indent=2))
     distributed.barrier()

@@ -88,13 +88,17 @@ def test_test_encoding():
 
 
 def test_unknown_encoding():
-    with pytest.raises(UserError, match="unknown encoding 'gpt5'; known: chars, main, test"):
+    with pytest.raises(UserError, match="unknown encoding 'gpt5'; known: kjv_words, main, test"):
         encodings.get("gpt5")
 
 
-def test_chars_encoding():
-    enc = encodings.get("chars")
-    assert (enc.n_vocab, enc.padding_token) == (36, 36) and enc.decode([enc.eot_token]) == "\n"
-    assert enc.encode("Hi, there!\n") == [8, 9, 28, 0, 20, 8, 5, 18, 5, 31, 35]
-    assert enc.decode(enc.encode("And GOD said: é")) == "and god said:  "  # upper case folds, others → space
-    assert enc.decode([1, 36, 2]) == "ab"
+def test_kjv_words_encoding():
+    enc = encodings.get("kjv_words")
+    pieces = json.loads(encodings.KJV_VOCAB.read_text(encoding="utf-8"))
+    assert (enc.n_vocab, enc.padding_token) == (len(pieces), len(pieces)) and enc.decode([enc.eot_token]) == "\n"
+    assert pieces[:2] == ["\n", " ⁇"] and {" the", " and", ",", ".", "and", " lord"} <= set(pieces)
+    tokens = enc.encode("And GOD said,  Let there be light.\n")
+    assert [pieces[t] for t in tokens] == ["and", " god", " said", ",", " let", " there", " be", " light", ".", "\n"]
+    assert enc.decode(tokens) == "and god said, let there be light.\n"  # upper case folds, runs of spaces count once
+    assert enc.decode(enc.encode("the zyxwv came")) == "the ⁇ came"  # unknown words → ' ⁇'
+    assert enc.decode([tokens[0], enc.padding_token, tokens[1]]) == "and god"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_human_preferences import label_types
+from lm_human_preferences.labeling import label_types
 from lm_human_preferences.utils.errors import UserError
 
 
@@ -65,3 +65,27 @@ def test_unknown_label_types():
         label_types.get("best_of_four")
     with pytest.raises(UserError, match="at least 2 responses"):
         label_types.get("best_of_1")
+
+
+def test_heldout_metrics_from_sums():
+    # best_of_3: the highest reward is the labelled best in records 0 and 2 of 3.
+    bo3 = label_types.get("best_of_3")
+    rewards = torch.tensor([[0.1, 0.9, 0.2], [1.0, 0.0, 0.5], [0.0, 0.1, 0.3]], dtype=torch.float64)
+    sums = bo3.metric_sums(rewards, torch.tensor([1, 2, 2]))
+    assert bo3.metrics(sums.tolist()) == dict(count=3, accuracy=pytest.approx(2 / 3), chance=pytest.approx(1 / 3))
+    # scalar_rating: labels x = [1, 2, 4], predictions y = [1, 3, 3] → mse (0 + 1 + 1) / 3;
+    # Pearson r by hand: dx = [-4/3, -1/3, 5/3], dy = [-4/3, 2/3, 2/3]: cov 8/9, var x 14/9, var y 8/9.
+    rating = label_types.get("scalar_rating")
+    metrics = rating.metrics(rating.metric_sums(torch.tensor([[1.0], [3.0], [3.0]]), torch.tensor([1.0, 2.0, 4.0])).tolist())
+    assert metrics["count"] == 3 and metrics["mse"] == pytest.approx(2 / 3)
+    assert metrics["corr"] == pytest.approx((8 / 9) / math.sqrt(14 / 9 * 8 / 9))
+    # scalar_compare predicts reward(sample1) − reward(sample0): [2, -1] against labels [1, -1].
+    compare = label_types.get("scalar_compare")
+    metrics = compare.metrics(compare.metric_sums(torch.tensor([[0.0, 2.0], [1.0, 0.0]]), torch.tensor([1.0, -1.0])).tolist())
+    assert metrics == dict(count=2, mse=pytest.approx(0.5), corr=pytest.approx(1.0))
+    # sums of equal parts add up to the sums of the whole (how ranks and micro-batches combine)
+    whole = rating.metric_sums(torch.tensor([[1.0], [3.0], [3.0]]), torch.tensor([1.0, 2.0, 4.0]))
+    parts = rating.metric_sums(torch.tensor([[1.0]]), torch.tensor([1.0])) + \
+        rating.metric_sums(torch.tensor([[3.0], [3.0]]), torch.tensor([2.0, 4.0]))
+    assert torch.allclose(whole, parts)
+    assert bo3.label_dtype == np.int64 and rating.label_dtype == np.float32

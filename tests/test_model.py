@@ -24,7 +24,7 @@ def _model(hp=TEST_HP, heads=("value", "reward"), seed=0):
 
 
 def numpy_gpt2(params: dict[str, np.ndarray], hp: model.HParams, row: list[int], pad: int) -> tuple[np.ndarray, dict]:
-    """A direct transcription of SPEC §1 for one row, position by position."""
+    """A direct transcription of the padding rules (docs/original.md) for one row, position by position."""
     real = [t != pad for t in row]
     tokens = [t if r else 0 for t, r in zip(row, real)]
     positions = np.cumsum(real) - np.array(real, dtype=int)
@@ -84,7 +84,7 @@ def test_matches_numpy_reference_with_padding():
         logits, heads = numpy_gpt2(params, hp, row, pad=11)
         real = np.array(row) != 11
         first_real = int(np.argmax(real))
-        # From the first real token on, everything is defined by SPEC; leading padding outputs zeros.
+        # From the first real token on, everything is defined by the padding rules; leading padding outputs zeros.
         np.testing.assert_allclose(out.logits[i, first_real:].detach().numpy(), logits[first_real:], atol=1e-9)
         for name in heads:
             np.testing.assert_allclose(out.heads[name][i, first_real:].detach().numpy(), heads[name][first_real:], atol=1e-9)

@@ -1,4 +1,4 @@
-"""Query datasets → fixed-length query token streams (SPEC §4).
+"""Query datasets → fixed-length query token streams (docs/original.md, "Query data").
 
 `task.query_dataset` is one of
   - a name: `books`, `cnndm`, `tldr` (the original's corpora), `kjv` (verses shipped with the
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lm_human_preferences.datasets.books import books_texts
-from lm_human_preferences.datasets.cnndm import cnndm_texts
-from lm_human_preferences.datasets.tldr import tldr_texts
+from lm_human_preferences.corpora.books import books_texts
+from lm_human_preferences.corpora.cnndm import cnndm_texts
+from lm_human_preferences.corpora.tldr import tldr_texts
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError

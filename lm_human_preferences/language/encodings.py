@@ -1,12 +1,15 @@
-"""Tokenizers by name (SPEC §2): `main` (GPT-2 byte-level BPE) and `test` (27 characters).
+"""Tokenizers by name: `main` (GPT-2 byte-level BPE), `test` (27 characters) and `kjv_words`
+(the word vocabulary of the packaged `kjv` model).
 
 Every encoding has a padding token just outside its vocabulary that decodes to ''.
 """
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Callable
 
 from lm_human_preferences.utils import storage
@@ -129,24 +132,35 @@ def _test() -> Encoding:
     )
 
 
-CHARS = " abcdefghijklmnopqrstuvwxyz.,;:!?'-\n"
+KJV_VOCAB = Path(__file__).resolve().parent.parent / "data" / "kjv" / "vocab.json"
+# A piece is a newline, or one word or punctuation mark with the space before it, if any.
+WORD_PIECES = re.compile(r"\n| ?[a-z]+| ?[^a-z\s]")
+UNKNOWN_WORD = 1  # the id of any piece outside the vocabulary
 
 
-def _chars() -> Encoding:
-    """Lower-case English characters, for the small packaged model: upper case folds to lower case
-    and any other character becomes a space."""
-    index = {c: i for i, c in enumerate(CHARS)}
+def word_pieces(text: str) -> list[str]:
+    """Lower-cased pieces of `text`; runs of spaces count as one, other whitespace but newlines is dropped."""
+    return WORD_PIECES.findall(text.lower())
+
+
+@cache
+def _kjv_words() -> Encoding:
+    """The packaged model's word vocabulary: each KJV word or punctuation mark (with its leading
+    space) is one token, so the mock labelers' words are single tokens. Id 0 is the newline that
+    ends a verse; id 1 stands for any piece outside the vocabulary and decodes to ' ⁇'."""
+    pieces = json.loads(KJV_VOCAB.read_text(encoding="utf-8"))
+    index = {piece: i for i, piece in enumerate(pieces)}
     return Encoding(
-        name="chars",
-        n_vocab=len(CHARS),
+        name="kjv_words",
+        n_vocab=len(pieces),
         eot_token=index["\n"],
-        padding_token=len(CHARS),
-        _encode=lambda text: [index.get(c, 0) for c in text.lower()],
-        _decode=lambda ids: "".join(CHARS[i] for i in ids),
+        padding_token=len(pieces),
+        _encode=lambda text: [index.get(piece, UNKNOWN_WORD) for piece in word_pieces(text)],
+        _decode=lambda ids: "".join(pieces[i] for i in ids),
     )
 
 
-_ENCODINGS: dict[str, Callable[[], Encoding]] = {"main": _main, "test": _test, "chars": _chars}
+_ENCODINGS: dict[str, Callable[[], Encoding]] = {"main": _main, "test": _test, "kjv_words": _kjv_words}
 
 
 def get(name: str) -> Encoding:

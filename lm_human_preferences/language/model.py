@@ -1,8 +1,9 @@
 """GPT-2 ("Alec's transformer") with named scalar heads, padding semantics and a KV cache.
 
-Padding (SPEC §1): where `tokens == padding_token` the token is replaced by id 0; a token's
-position is the number of real tokens before it, so gaps do not shift positions; no query
-attends to a padded key (a padded query attends only to itself, which keeps softmax finite);
+Padding (docs/original.md, "Language model"): where `tokens == padding_token` the token is
+replaced by id 0; a token's position is the number of real tokens before it, so gaps do not
+shift positions; no query attends to a padded key (a padded query also attends to itself, which
+keeps its softmax finite when no real token precedes it; its output is replaced anyway);
 after the final LayerNorm the hidden state at a padded position is replaced by that of the
 nearest earlier real token. A row may begin with padding: its real tokens then give exactly
 what the row without that padding gives, and the leading padded positions output zeros.

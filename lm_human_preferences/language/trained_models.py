@@ -1,11 +1,11 @@
 """Model names and folders → hparams, encodings and weights.
 
-Named models: `test` (random weights from a fixed seed), `kjv` (a 0.8M-parameter character
+Named models: `test` (random weights from a fixed seed), `kjv` (a 1.7M-parameter word-level
 model shipped in the package, trained by tools/train_small_lm.py) and OpenAI's GPT-2 releases
 `124M`, `355M`, `774M`, `1558M` (downloaded once from the gpt-2 bucket). A folder (local path
 or URL) may be in any of these layouts:
 
-  ours (SPEC §9)     hparams.json, encoding, checkpoints/latest, checkpoints/model-<step>.safetensors
+  ours               hparams.json, encoding, checkpoints/latest, checkpoints/model-<step>.safetensors
   original runs      hparams.json, encoding, checkpoints/checkpoint + TF checkpoint (scope <folder>/model)
   GPT-2 release      hparams.json, checkpoint + TF checkpoint (scope model)
   Hugging Face       config.json + model.safetensors (a local GPT2LMHeadModel folder)
@@ -185,14 +185,14 @@ def _load_tf(folder: str, checkpoint_dir: str) -> Saved:
 
 
 def save_checkpoint(folder: str | Path, hparams: HParams, encoding: str, tensors: dict[str, torch.Tensor],
-                    step: int) -> None:
+                    step: int, dtype: torch.dtype = torch.float32) -> None:
     """Write a checkpoint atomically, point `latest` at it, and keep the newest few."""
     folder = Path(folder)
     storage.atomic_write_text(folder / "hparams.json", hparams.to_json())
     storage.atomic_write_text(folder / "encoding", json.dumps(encoding))
     checkpoints = folder / "checkpoints"
     name = f"model-{step:07d}.safetensors"
-    data = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+    data = save({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()})
     storage.atomic_write_bytes(checkpoints / name, data)
     storage.atomic_write_text(checkpoints / "latest", name)
     for old in sorted(checkpoints.glob("model-*.safetensors"))[:-KEEP_CHECKPOINTS]:

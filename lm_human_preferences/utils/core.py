@@ -52,16 +52,25 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def row_slices(rows: int, chunk_size: int | None) -> list[slice]:
+    """Consecutive slices of at most chunk_size rows covering `rows` (one slice when chunk_size is None).
+
+    This is how every batch is split into micro-batches (`run.chunk_size`) to bound peak memory.
+    """
+    if not chunk_size or chunk_size >= rows:
+        return [slice(0, rows)]
+    return [slice(i, i + chunk_size) for i in range(0, rows, chunk_size)]
+
+
 def map_chunks(fn: Callable, chunk_size: int | None, *tensors: torch.Tensor):
     """fn over row-chunks of `tensors` (at most chunk_size rows each), outputs concatenated.
 
-    `fn` returns a tensor, or a dict of tensors (None values stay None). Bounds peak memory
-    on large batches; with chunk_size None (or ≥ the batch) it is a single call.
+    `fn` returns a tensor, or a dict of tensors (None values stay None).
     """
-    rows = tensors[0].shape[0]
-    if not chunk_size or chunk_size >= rows:
+    parts = row_slices(tensors[0].shape[0], chunk_size)
+    if len(parts) == 1:
         return fn(*tensors)
-    outputs = [fn(*(t[i:i + chunk_size] for t in tensors)) for i in range(0, rows, chunk_size)]
+    outputs = [fn(*(t[part] for t in tensors)) for part in parts]
     if isinstance(outputs[0], dict):
         return {k: None if outputs[0][k] is None else torch.cat([o[k] for o in outputs]) for k in outputs[0]}
     return torch.cat(outputs)

@@ -82,6 +82,13 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / world_size()
 
 
+def mean_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar stats averaged over ranks, in one collective."""
+    names = list(stats)
+    values = all_reduce_mean(torch.stack([stats[n].detach().float() for n in names]))
+    return dict(zip(names, values.tolist()))
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors of all ranks along the first axis, in rank order."""
     if not is_initialized():

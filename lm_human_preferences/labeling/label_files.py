@@ -1,15 +1,17 @@
-"""Reading human-label files (SPEC §5) into numpy arrays, validating every record.
+"""Label files: reading them into numpy arrays (validating every record) and writing them.
 
 A label file is a JSON list of records. The released tldr files are 200-300 MB, so records
 are decoded one at a time and turned into compact int32 arrays at once, instead of holding
 the whole file as Python objects.
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from lm_human_preferences.label_types import LabelType
+from lm_human_preferences.labeling.label_types import LabelType
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.jsonstream import json_list_items
 from lm_human_preferences.utils.errors import UserError
@@ -58,10 +60,9 @@ def load(source: str, label_type: LabelType, query_length: int, response_length:
     """Every record of a label file (path, https:// or gs:// URL), or the `test` source."""
     schemas = label_type.question_schemas(query_length, response_length)
     label_key = label_type.label_key
-    label_dtype = np.int64 if label_type.label_schemas()[label_key].dtype == "int" else np.float32
     if source == TEST_SOURCE:
         columns = {key: np.zeros((TEST_RECORDS, *s.shape), dtype=np.int32) for key, s in schemas.items()}
-        columns[label_key] = np.zeros(TEST_RECORDS, dtype=label_dtype)
+        columns[label_key] = np.zeros(TEST_RECORDS, dtype=label_type.label_dtype)
         return Labels(columns)
 
     path = storage.fetch(source)
@@ -87,7 +88,7 @@ def load(source: str, label_type: LabelType, query_length: int, response_length:
     if not rows["query"]:
         raise UserError(f"{source}: the label file holds no records")
     columns = {key: np.stack(rows[key]) for key in schemas}
-    columns[label_key] = np.asarray(rows[label_key], dtype=label_dtype)
+    columns[label_key] = np.asarray(rows[label_key], dtype=label_type.label_dtype)
     return Labels(columns)
 
 
@@ -101,3 +102,8 @@ def split(labels: Labels, num_train: int, source: str) -> tuple[Labels, Labels]:
     seen = {q.tobytes() for q in train.columns["query"]}
     unseen = np.array([q.tobytes() not in seen for q in rest.columns["query"]], dtype=bool)
     return train, rest[unseen]
+
+
+def write(records: list[dict], path: Path) -> None:
+    """Write records as one JSON list, atomically (a reader never sees half a file)."""
+    storage.atomic_write_text(path, json.dumps(records, separators=(",", ":")))

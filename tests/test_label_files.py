@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from lm_human_preferences import label_types, labels
+from lm_human_preferences.labeling import label_files, label_types
 from lm_human_preferences.utils.errors import UserError
 
-VOCAB = labels.Vocabulary(n_vocab=50257, padding_token=50259)
+VOCAB = label_files.Vocabulary(n_vocab=50257, padding_token=50259)
 BO4 = label_types.get("best_of_4")
 
 
@@ -26,7 +26,7 @@ def write(tmp_path, records, name="labels.json"):
 
 def test_load_released_schema_with_extra_keys(tmp_path):
     recs = [record(query=[5, 6, 7, 50259], best=3), {**record(best=1), "extra": "ignored"}]
-    got = labels.load(write(tmp_path, recs), BO4, 4, 2, VOCAB)
+    got = label_files.load(write(tmp_path, recs), BO4, 4, 2, VOCAB)
     assert len(got) == 2
     np.testing.assert_array_equal(got.columns["query"][0], [5, 6, 7, 50259])
     np.testing.assert_array_equal(got.columns["sample2"][1], [4, 50259])
@@ -35,7 +35,7 @@ def test_load_released_schema_with_extra_keys(tmp_path):
 
 def test_load_through_gs_url(http_server, tmp_path):
     http_server.add_file("lm-human-preferences/labels/sentiment/tiny.json", json.dumps([record()] * 3).encode())
-    got = labels.load("gs://lm-human-preferences/labels/sentiment/tiny.json", BO4, 4, 2, VOCAB)
+    got = label_files.load("gs://lm-human-preferences/labels/sentiment/tiny.json", BO4, 4, 2, VOCAB)
     assert len(got) == 3
 
 
@@ -59,38 +59,38 @@ def test_defects_give_specific_errors(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        labels.load(str(path), BO4, 4, 2, VOCAB)
+        label_files.load(str(path), BO4, 4, 2, VOCAB)
 
 
 def test_scalar_labels_must_be_finite(tmp_path):
     recs = [{"query": [1, 1, 1, 1], "sample": [1, 1], "score": 2.5}, {"query": [1, 1, 1, 1], "sample": [1, 1], "score": None}]
     with pytest.raises(UserError, match="record 1: 'score' is None; it must be a finite number"):
-        labels.load(write(tmp_path, recs), label_types.get("scalar_rating"), 4, 2, VOCAB)
+        label_files.load(write(tmp_path, recs), label_types.get("scalar_rating"), 4, 2, VOCAB)
     path = tmp_path / "nan.json"
     path.write_text('[{"query": [1, 1, 1, 1], "sample": [1, 1], "score": NaN}]')
     with pytest.raises(UserError, match="'score' is nan; it must be a finite number"):
-        labels.load(str(path), label_types.get("scalar_rating"), 4, 2, VOCAB)
+        label_files.load(str(path), label_types.get("scalar_rating"), 4, 2, VOCAB)
 
 
 def test_missing_file_and_404(http_server):
     with pytest.raises(UserError, match="no such file"):
-        labels.load("/nonexistent/labels.json", BO4, 4, 2, VOCAB)
+        label_files.load("/nonexistent/labels.json", BO4, 4, 2, VOCAB)
     with pytest.raises(UserError, match="not found \\(HTTP 404\\)"):
-        labels.load("gs://lm-human-preferences/labels/none.json", BO4, 4, 2, VOCAB)
+        label_files.load("gs://lm-human-preferences/labels/none.json", BO4, 4, 2, VOCAB)
 
 
 def test_split_num_train_and_heldout_by_unique_query(tmp_path):
     recs = [record(query=[q, 0, 0, 0]) for q in [1, 2, 3, 1, 4, 2, 5]]
-    everything = labels.load(write(tmp_path, recs), BO4, 4, 2, VOCAB)
-    train, heldout = labels.split(everything, 3, "f.json")
+    everything = label_files.load(write(tmp_path, recs), BO4, 4, 2, VOCAB)
+    train, heldout = label_files.split(everything, 3, "f.json")
     assert len(train) == 3
     assert heldout.columns["query"][:, 0].tolist() == [4, 5]  # 1 and 2 were seen in training
     with pytest.raises(UserError, match="f.json holds 7 labels but labels.num_train is 8; lower labels.num_train to at most 7"):
-        labels.split(everything, 8, "f.json")
+        label_files.split(everything, 8, "f.json")
 
 
 def test_test_source():
-    got = labels.load("test", label_types.get("scalar_compare"), 3, 2, VOCAB)
+    got = label_files.load("test", label_types.get("scalar_compare"), 3, 2, VOCAB)
     assert len(got) == 50
     assert set(got.columns) == {"query", "sample0", "sample1", "difference"}
     assert not got.columns["sample1"].any() and got.columns["query"].shape == (50, 3)

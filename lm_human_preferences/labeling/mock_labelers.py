@@ -81,3 +81,19 @@ def choose_best(scores: list[float], noise: float, rng: random.Random) -> int:
         return rng.choices(range(len(scores)), weights=weights)[0]
     best = max(scores)
     return rng.choice([i for i, s in enumerate(scores) if s == best])
+
+
+MOCK_PREFIX = "mock:"
+
+
+def parse_source(source: str) -> tuple[str, float]:
+    """A label source `mock:<labeler>[:<noise>]` → (labeler name, noise)."""
+    parts = source[len(MOCK_PREFIX):].split(":")
+    try:
+        noise = float(parts[1]) if len(parts) > 1 else 0.0
+    except ValueError:
+        raise UserError(f"{source}: the noise after the labeler name must be a number") from None
+    if len(parts) > 2 or not noise >= 0:
+        raise UserError(f"{source}: write a mock label source as mock:<labeler> or mock:<labeler>:<noise ≥ 0>")
+    get(parts[0])
+    return parts[0], noise

@@ -1,0 +1,1 @@
+"""Human-preference labels: their types and files, mock labelers, and collecting labels on samples."""
