@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lm_human_preferences.language.model import Model
+from lm_human_preferences.language.model import Model, Output, prefix_groups
 
 
 @dataclass
@@ -31,19 +31,31 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def sample(model: Model, context: torch.Tensor, length: int, *, padding_token: int | None,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Samples:
+           generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+           share_context: bool = True) -> Samples:
     """Sample `length` tokens after `context` [batch, context_len] (which may contain padding).
 
     Each token is drawn by inverting the CDF at a uniform number, one per row and step:
     `noise` [batch, length] if given, else drawn from `generator`. Giving every row its own
     numbers makes the samples of a row independent of how the batch is split into chunks.
+
+    With `share_context`, consecutive rows with the same context (a query repeated for N
+    responses) run it once; each row then continues from a copy of that computation's cache.
     """
     batch, context_len = context.shape
     if noise is None:
         noise = torch.rand(batch, length, generator=generator, device=generator.device if generator else "cpu")
     noise = noise.to(context.device)
-    cache = model.new_cache(batch, context_len + length)
-    out = model(context, padding_token, cache=cache, output_slice=slice(-1, None))
+    groups = prefix_groups(context) if share_context else None
+    first, run = groups if groups is not None else (None, None)
+    cache = model.new_cache(batch if first is None else len(first), context_len + length)
+    out = model(context if first is None else context[first], padding_token, cache=cache, output_slice=slice(-1, None))
+    if first is not None:
+        cache = cache.select(run)
+        out = Output(logits=out.logits[run], heads={name: h[run] for name, h in out.heads.items()}, cache=cache)
+    # A sampled token is never padding when the padding id lies outside the vocabulary; saying so
+    # spares the model a check (a device sync) per step.
+    step_padding = padding_token if padding_token is not None and 0 <= padding_token < model.hparams.n_vocab else None
     tokens, logprobs = [], []
     values: dict[str, list[torch.Tensor]] = {name: [] for name in out.heads}
     for step in range(length):
@@ -56,7 +68,7 @@ def sample(model: Model, context: torch.Tensor, length: int, *, padding_token: i
         for name, head in out.heads.items():
             values[name].append(head[:, -1:])
         if step + 1 < length:
-            out = model(token, padding_token, cache=cache)
+            out = model(token, step_padding, cache=cache)
     return Samples(
         tokens=torch.cat(tokens, dim=1),
         logprobs=torch.cat(logprobs, dim=1),
