@@ -1,6 +1,7 @@
 """The policy: a language model (plus a `value` head when trained) that answers queries."""
 
 import torch
+import torch.nn.functional as F
 
 from lm_human_preferences import lm_tasks
 from lm_human_preferences.language import sample
@@ -10,15 +11,32 @@ from lm_human_preferences.utils import core, distributed
 
 
 class Policy:
-    def __init__(self, model: Model, encoding: Encoding, task: lm_tasks.TaskHParams):
+    def __init__(self, model: Model, encoding: Encoding, task: lm_tasks.TaskHParams, precision: str = "auto",
+                 share_queries: bool = True):
         self.model = model
         self.encoding = encoding
         self.temperature = task.policy.temperature
         self.format_queries = lm_tasks.query_formatter(task, encoding)
+        self.precision = precision  # run.precision: auto / fp32 / bf16
+        self.share_queries = share_queries  # run.share_queries: one computation of a query repeated in a batch
+        self._n_params = sum(p.numel() for p in model.parameters())
+
+    def configure(self, run, frozen: bool = False) -> "Policy":
+        """Take `run.precision` and `run.share_queries`; a `frozen` policy (never trained, e.g. the
+        reference) stores its model in the compute precision once."""
+        self.precision, self.share_queries = run.precision, run.share_queries
+        if frozen:
+            self.model.freeze(self.compute_dtype)
+        return self
 
     @property
     def device(self) -> torch.device:
         return self.model.wte.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What matrix products run in: float32, or bf16 under per-forward autocast."""
+        return distributed.compute_dtype(self.device, self.precision, self._n_params)
 
     def respond(self, queries: torch.Tensor, length: int, generator: torch.Generator | None = None,
                 chunk_size: int | None = None) -> dict:
@@ -30,28 +48,33 @@ class Policy:
         the result does not depend on the chunking.
         """
         noise = torch.rand(queries.shape[0], length, generator=generator, device=self.device)
+        dtype = self.compute_dtype
 
         def respond_chunk(queries: torch.Tensor, noise: torch.Tensor) -> dict:
-            with distributed.autocast(self.device):
+            with distributed.autocast(self.device, dtype):
                 samples = sample.sample(self.model, self.format_queries(queries), length, noise=noise,
-                                        padding_token=self.encoding.padding_token, temperature=self.temperature)
+                                        padding_token=self.encoding.padding_token, temperature=self.temperature,
+                                        share_context=self.share_queries)
             return dict(responses=samples.tokens, logprobs=samples.logprobs, values=samples.values.get("value"))
 
         return core.map_chunks(respond_chunk, chunk_size, queries, noise)
 
-    def analyze_responses(self, queries: torch.Tensor, responses: torch.Tensor) -> dict:
+    def analyze_responses(self, queries: torch.Tensor, responses: torch.Tensor, entropies: bool = True) -> dict:
         """Log-probs, entropies and values of given responses, as when they were sampled.
 
         The model runs on context + responses; the outputs at positions context_len−1 … end−1
-        are the ones that predict the response tokens.
+        are the ones that predict the response tokens. Entropies are only a statistic: they are
+        computed without gradient, and not at all with `entropies=False` (then None).
         """
         context = self.format_queries(queries)
         tokens = torch.cat([context, responses], dim=1)
-        with distributed.autocast(self.device):
-            out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1))
-        logits = out.logits.float() / self.temperature
-        return dict(
-            logprobs=core.logprobs_from_logits(logits, responses),
-            entropies=core.entropy_from_logits(logits),
-            values=out.heads.get("value"),
-        )
+        with distributed.autocast(self.device, self.compute_dtype):
+            out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1),
+                             shared_prefix=context.shape[1] if self.share_queries else 0)
+        logp = F.log_softmax(out.logits.float() / self.temperature, dim=-1)  # float32, computed once
+        result = dict(logprobs=logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropies=None,
+                      values=out.heads.get("value"))
+        if entropies:
+            with torch.no_grad():
+                result["entropies"] = -(logp.exp() * logp).sum(-1)
+        return result

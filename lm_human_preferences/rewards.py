@@ -24,16 +24,38 @@ class RewardModel(nn.Module):
         self.encoding = encoding
         self.gain = nn.Parameter(torch.ones(()))
         self.bias = nn.Parameter(torch.zeros(()))
+        self.precision = "auto"  # run.precision: auto / fp32 / bf16
+        self.share_queries = True  # run.share_queries: a query repeated in a batch (best-of-N) runs once
+        self._n_params = sum(p.numel() for p in model.parameters())
+
+    def configure(self, run, frozen: bool = False) -> "RewardModel":
+        """Take `run.precision` and `run.share_queries`; a `frozen` reward model (PPO's) stores its
+        LM in the compute precision once (gain and bias stay float32)."""
+        self.precision, self.share_queries = run.precision, run.share_queries
+        if frozen:
+            self.requires_grad_(False).eval()
+            self.model.freeze(self.compute_dtype)
+        return self
 
     @property
     def device(self) -> torch.device:
         return self.gain.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return distributed.compute_dtype(self.device, self.precision, self._n_params)
+
     def forward(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        """Rewards [batch] for queries [batch, q] followed by responses [batch, r] (no prefix/suffix)."""
+        """Rewards [batch] for queries [batch, q] followed by responses [batch, r] (no prefix/suffix).
+
+        With share_queries, consecutive rows of the same query (best-of-N records, laid out with
+        repeat_interleave) run the query once; its keys and values serve every response, in the
+        backward pass too.
+        """
         tokens = torch.cat([queries, responses], dim=1)
-        with distributed.autocast(self.device):
-            out = self.model(tokens, self.encoding.padding_token, output_slice=slice(-1, None))
+        with distributed.autocast(self.device, self.compute_dtype):
+            out = self.model(tokens, self.encoding.padding_token, output_slice=slice(-1, None),
+                             shared_prefix=queries.shape[1] if self.share_queries else 0)
         return self.gain * out.heads["reward"][:, 0] + self.bias
 
     @torch.no_grad()

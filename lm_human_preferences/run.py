@@ -24,9 +24,20 @@ class RunHParams(hyperparams.HParams):
     # computing gradients (micro-batches, gradients accumulated). None: whole batches at once.
     # Results are the same, up to float rounding, for any value.
     chunk_size: Optional[int] = 64
+    # Speed knobs; neither changes results beyond float rounding (bf16 rounds more).
+    # auto: bf16 autocast where it is faster (CUDA GPUs with bf16; CPUs with native bf16, for
+    # models big enough that it pays), float32 elsewhere. Losses, advantages, KL and Adam
+    # state are float32 in every case.
+    precision: str = "auto"
+    # A query repeated for several responses (best-of-N labels, N samples per query) runs once;
+    # its keys and values serve every response, gradients included.
+    share_queries: bool = True
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
+        if self.precision not in distributed.PRECISIONS:
+            raise UserError(f"{_prefix}precision must be one of {', '.join(distributed.PRECISIONS)}, "
+                            f"got {self.precision!r}")
         for name in ("log_interval", "save_interval", "chunk_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -1,5 +1,6 @@
 """PPO fine-tuning of a policy against a reward model: `./launch.py train_policy ...` (docs/original.md, "PPO")."""
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -211,6 +212,10 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(hp.rewards)
         self.params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = TFAdam(self.params, lr=hp.ppo.lr, eps=1e-5)
+        policy.configure(hp.run)  # run.precision / run.share_queries; the frozen models are cast once
+        ref_policy.configure(hp.run, frozen=True)
+        if isinstance(reward_fn, rewards.RewardModel):
+            reward_fn.configure(hp.run, frozen=True)
 
     @torch.no_grad()
     def rollouts(self) -> dict[str, torch.Tensor]:
@@ -219,7 +224,8 @@ class PPOTrainer:
         queries = next(self.queries)
         rollouts = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
         responses = rollouts["responses"]
-        ref_logprobs = core.map_chunks(self.ref_policy.analyze_responses, chunk, queries, responses)["logprobs"]
+        ref_logprobs = core.map_chunks(functools.partial(self.ref_policy.analyze_responses, entropies=False), chunk,
+                                       queries, responses)["logprobs"]
         scores, postprocessed = self.score_fn(queries, responses)
         rewards, non_score_reward = compute_rewards(scores, rollouts["logprobs"], ref_logprobs, self.kl_ctl.value)
         return dict(queries=queries, responses=responses, postprocessed=postprocessed, logprobs=rollouts["logprobs"],

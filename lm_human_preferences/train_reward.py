@@ -125,6 +125,8 @@ class RewardModelTrainer:
         total = hp.epochs * num_train
         params = list(self.reward_model.parameters())
         optimizer = TFAdam(params, lr=hp.lr, eps=1e-5)
+        self.reward_model.configure(hp.run)  # run.precision / run.share_queries
+        self.policy.configure(hp.run, frozen=self.policy.model is not self.reward_model.model)
         stats: dict[str, float] = {}
         with logging.progress(hp.total_steps, "reward model", "batch") as bar:
             for epoch in range(hp.epochs):

@@ -6,6 +6,7 @@ is not initialized. Rank 0 owns downloads, printing, TensorBoard and checkpoints
 
 import contextlib
 import datetime
+import functools
 import os
 import socket
 import sys
@@ -48,11 +49,70 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA GPUs that support it; full precision elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# `auto` on a CPU: bf16 only for models of at least this many parameters, and only on CPUs with
+# native bf16 arithmetic (AVX512-BF16 or AMX). Measured on a 2-core Xeon with AMX, forward +
+# backward of 8×88 tokens: GPT-2 124M 2.75 s float32 vs 1.04 s bf16, but the 0.8M demo model
+# was 13× slower in bf16 (a bf16 cast costs more than its small matrix products save); see
+# bench/precision_crossover.py for the sizes between.
+CPU_BF16_MIN_PARAMS = 50_000_000
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16).
+
+    Without them (e.g. AVX2-only CPUs) oneDNN emulates bf16 and autocast is slower than float32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+        if flags is not None:
+            return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    # No /proc/cpuinfo (not Linux): oneDNN's own check, plus an AVX-512 or better vector unit.
+    return (torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+def compute_dtype(device: torch.device, precision: str = "auto", n_params: int | None = None) -> torch.dtype:
+    """The dtype of matrix products under `precision` (auto / fp32 / bf16; see CPU_BF16_MIN_PARAMS).
+
+    `auto` picks bf16 autocast where it is faster: CUDA GPUs with bf16 support, and CPUs with
+    native bf16 for models of at least CPU_BF16_MIN_PARAMS parameters (`n_params`).
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise UserError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(device)} does not support it; "
+                            "use precision auto or fp32")
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16() and (n_params or 0) >= CPU_BF16_MIN_PARAMS:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to `dtype` for one forward call (a no-op for float32).
+
+    Keep its scope to single forward calls: autocast caches the cast weights until the context
+    exits, so a context spanning optimizer steps would compute with stale weights. With dtype
+    None: bf16 on CUDA GPUs that support it, full precision elsewhere.
+    """
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def main_first(fn: Callable):
