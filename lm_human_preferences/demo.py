@@ -54,14 +54,17 @@ def collect_mock_labels(reward_hp: train_reward.HParams, save_dir: Path, seed: i
     return path
 
 
-def resolve_mock_labels(hp, seed: int) -> None:
-    """Collect the labels (rank 0) and point the reward model's labels.source at the file."""
+def resolve_mock_labels(hp, seed: int) -> str:
+    """Collect the labels (rank 0) and point the reward model's labels.source at the file;
+    returns the labeler's name."""
     reward_hp = reward_hparams(hp)
+    labeler_name, _ = mock_labelers.parse_source(reward_hp.labels.source)
     save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
     path = None
     if distributed.is_main():
         path = str(collect_mock_labels(reward_hp, save_dir or Path(tempfile.mkdtemp()), seed))
     reward_hp.labels.source = distributed.broadcast_object(path)
+    return labeler_name
 
 
 def verdict(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, labeler_name: str, seed: int,
@@ -82,9 +85,8 @@ def verdict(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, labe
                 win_rate=wins / n_queries, verdict_queries=n_queries, samples=samples[:3])
 
 
-def summary(hp: train_policy.HParams, policy: Policy, result: dict, seed: int) -> dict:
+def summary(hp: train_policy.HParams, labeler_name: str, policy: Policy, result: dict, seed: int) -> dict:
     """How the run did by the labeler's own judgement, with the reward model's held-out accuracy."""
-    labeler_name, _ = mock_labelers.parse_source(hp.rewards.train_new_model.labels.source)
     heldout = (result.get("reward_model") or {}).get("heldout", {})
     out = {"labeler": labeler_name, "seed": seed,
            "reward_model_heldout_accuracy": heldout.get("accuracy"), "heldout_count": heldout.get("count"),
@@ -112,12 +114,12 @@ def print_summary(s: dict) -> None:
 def train(mode: str, hp):
     """Run `mode` (train_reward or train_policy) on mock labels; train_policy ends with the labeler's verdict."""
     seed = run.resolve_seed(hp)
-    resolve_mock_labels(hp, seed)
+    labeler_name = resolve_mock_labels(hp, seed)
     if mode == "train_reward":
         return train_reward.train(hp)
     policy, result = train_policy.train(hp)
     if distributed.is_main():
-        result["mock"] = summary(hp, policy, result, seed)
+        result["mock"] = summary(hp, labeler_name, policy, result, seed)
         print_summary(result["mock"])
         if hp.run.save_dir:
             storage.atomic_write_text(Path(hp.run.save_dir) / "mock_summary.json", json.dumps(result["mock"], indent=2))

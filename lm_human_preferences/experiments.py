@@ -85,7 +85,7 @@ def _mock_reward(labeler: str) -> train_reward.HParams:
     """Labels from a mock labeler on the initial policy's samples, then a normalized best-of-4 reward model."""
     hp = _normalized_best_of_4(kjv_task(), batch_size=32, lr=1e-3, rollout_batch_size=256)
     hp.labels.source, hp.labels.num_train = f"mock:{labeler}", 2048
-    hp.run.seed = 1
+    hp.run.seed, hp.run.chunk_size = 1, 512  # the small model fits 512 sequences a pass in little memory
     return hp
 
 
@@ -135,7 +135,7 @@ def _mock_policy(labeler: str) -> train_policy.HParams:
     hp.rewards.train_new_model = TRAIN_REWARD[f"mock_{labeler}"]()
     hp.rewards.train_new_model.run.seed = None  # the policy's seed: --run.seed S replays the whole demo
     hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-4, 64 * 100, 64
-    hp.run.seed = 1
+    hp.run.seed, hp.run.chunk_size = 1, 512
     return hp
 
 
