@@ -197,6 +197,9 @@ options:
   --noise X        Boltzmann noise of the labeler's choice; 0 always picks the best (default 0)
   --policy MODEL   the policy that answers: a model name or save folder (default: task.policy.initial_model)
   --seed S         random seed (default 0)
+
+usage: label.py serve EXPERIMENT --out FILE [--flags]
+People label instead, on a local web page (label.py serve --help).
 """
 
 EXPORT_HELP = """\
@@ -220,6 +223,10 @@ def export_hf(args: list[str]) -> None:
 
 
 def label_command(args: list[str]) -> None:
+    if args and args[0] == "serve":
+        from lm_human_preferences.labeling import app  # app imports this module: import it on use
+
+        return app.serve_command(args[1:])
     if not args or "--help" in args or "-h" in args:
         print(LABEL_HELP)
         return
