@@ -64,13 +64,25 @@ class TFAdam(torch.optim.Adam):
         return loss
 
     def _step_group(self, group: dict) -> None:
-        """torch.optim.Adam's step for one group (its public step() iterates self.param_groups)."""
+        """torch.optim.Adam's step for one group (its public step() iterates self.param_groups).
+
+        On CPU the fused kernel runs on one thread: it is memory-bound, so a second thread adds
+        little, while its per-tensor barrier costs a scheduler slice whenever another core is
+        busy (GPT-2 124M, 2-core Xeon shared with other jobs: 0.60 s a step on 2 threads, 0.22 s
+        on one; the Python loop this replaced: 4.4 s there, 0.25 s on a quiet machine).
+        """
         saved = self.param_groups
+        threads = torch.get_num_threads()
+        one_thread = group["fused"] and group["params"][0].device.type == "cpu" and threads > 1
         self.param_groups = [group]
         try:
+            if one_thread:
+                torch.set_num_threads(1)
             super().step()
         finally:
             self.param_groups = saved
+            if one_thread:
+                torch.set_num_threads(threads)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a copy: torch.optim.Adam would otherwise share the saved step and moment tensors."""
