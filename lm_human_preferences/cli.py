@@ -1,5 +1,7 @@
 """The original's command lines: `launch.py train_reward|train_policy ...` and `sample.py sample ...`."""
 
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from lm_human_preferences.labeling import collect, label_files, mock_labelers
 from lm_human_preferences.language import encodings, hf, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.utils import distributed, storage
-from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.errors import Stopped, UserError
 
 LAUNCH_HELP = """\
 usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--mpi N] [--save_dir D] [--dry_run]
@@ -77,13 +79,29 @@ def parse_flags(args: list[str], booleans: set[str]) -> dict[str, str]:
     return flags
 
 
-def _parse_int(flags: dict[str, str], key: str, default: int | None) -> int | None:
+def _parse_int(flags: dict[str, str], key: str, default: int | None, minimum: int | None = None,
+               meaning: str = "") -> int | None:
+    """The integer value of --key (popped), at least `minimum`; `meaning` explains the bound."""
     if key not in flags:
         return default
     try:
-        return int(flags.pop(key))
+        value = int(flags.pop(key))
     except ValueError:
         raise UserError(f"--{key} needs an integer") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"--{key} must be at least {minimum}{meaning}, got {value}")
+    return value
+
+
+def _parse_float(flags: dict[str, str], key: str, default: float, positive: bool) -> float:
+    """The finite number given as --key (popped): > 0 when `positive`, else ≥ 0."""
+    try:
+        value = float(flags.pop(key, default))
+    except ValueError:
+        raise UserError(f"--{key} needs a number") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise UserError(f"--{key} must be a finite {'positive' if positive else 'non-negative'} number, got {value}")
+    return value
 
 
 def _parse_bool(flags: dict[str, str], key: str) -> bool:
@@ -93,8 +111,9 @@ def _parse_bool(flags: dict[str, str], key: str) -> bool:
     return value in ("true", "1", "on")
 
 
-def resolve(mode: str, experiment: str, name: str, flags: dict[str, str]):
-    """The experiment's hparams with overrides applied and run.save_dir set."""
+def resolve(mode: str, experiment: str, name: str, flags: dict[str, str], ranks: int = 1):
+    """The experiment's hparams with overrides applied and run.save_dir set, validated for a run
+    on `ranks` ranks (or as many as torchrun, mpirun or Slurm started)."""
     hp = experiments.get(mode, experiment)
     save_root = flags.pop("save_dir", None) or f"/tmp/save/{mode}"
     for key, value in flags.items():
@@ -104,7 +123,10 @@ def resolve(mode: str, experiment: str, name: str, flags: dict[str, str]):
             if key.startswith("task."):
                 hp.rewards.train_new_model.override_from_str(key, value)
     hp.run.save_dir = os.path.join(save_root, name)
-    hp.validate()
+    if isinstance(hp, train_policy.HParams) and hp.rewards.train_new_model is not None:
+        hp.rewards.train_new_model.run.save_dir = hp.run.save_dir  # it trains into the same folder
+    with distributed.validation_world(ranks):
+        hp.validate()
     return hp
 
 
@@ -118,9 +140,9 @@ def launch(args: list[str]) -> None:
         raise UserError("usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--flags] (see --help)")
     mode, experiment, name = args[:3]
     flags = parse_flags(args[3:], booleans={"dry_run"})
-    ranks = _parse_int(flags, "mpi", distributed.default_ranks())
+    ranks = _parse_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
     dry_run = _parse_bool(flags, "dry_run")
-    hp = resolve(mode, experiment, name, flags)
+    hp = resolve(mode, experiment, name, flags, ranks)
     print(f"{mode} {experiment} → {hp.run.save_dir}")
     print(hp.to_json())
     if dry_run:
@@ -168,14 +190,11 @@ def sample(args: list[str]) -> None:
         raise UserError("sample needs --save_dir (a train_policy save folder or URL)")
     save_dir = flags.pop("save_dir")
     savescope = flags.pop("savescope", "policy")
-    ranks = _parse_int(flags, "mpi", distributed.default_ranks())
+    ranks = _parse_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
     seed = _parse_int(flags, "seed", None)
-    batch_size = _parse_int(flags, "batch_size", 4)
-    nsamples = _parse_int(flags, "nsamples", 0)
-    try:
-        temperature = float(flags.pop("temperature", "1.0"))
-    except ValueError:
-        raise UserError("--temperature needs a number") from None
+    batch_size = _parse_int(flags, "batch_size", 4, minimum=1)
+    nsamples = _parse_int(flags, "nsamples", 0, minimum=0, meaning=" (0 samples forever)")
+    temperature = _parse_float(flags, "temperature", 1.0, positive=True)
     if flags:
         raise UserError(f"unknown option --{next(iter(flags))} (see --help)")
     distributed.run(_sample_rank, (save_dir, savescope, temperature, seed, batch_size, nsamples), ranks)
@@ -237,22 +256,22 @@ def label_command(args: list[str]) -> None:
     if "out" not in flags:
         raise UserError("label needs --out FILE")
     out = Path(flags.pop("out"))
-    n = _parse_int(flags, "n", 1000)
+    n = _parse_int(flags, "n", 1000, minimum=1)
     seed = _parse_int(flags, "seed", 0)
     source = hp.labels.source if hp.labels.source.startswith(mock_labelers.MOCK_PREFIX) else None
     labeler = flags.pop("labeler", None) or (mock_labelers.parse_source(source)[0] if source else None)
     if labeler is None:
         raise UserError(f"experiment {args[0]!r} has no mock labeler; choose one with --labeler")
-    try:
-        noise = float(flags.pop("noise", "0"))
-    except ValueError:
-        raise UserError("--noise needs a number") from None
+    noise = _parse_float(flags, "noise", 0.0, positive=False)
     policy_name = flags.pop("policy", None) or hp.task.policy.initial_model
     for key, value in flags.items():
         if not key.startswith("task."):
             raise UserError(f"unknown option --{key} (see --help)")
         hp.override_from_str(key, value)
     hp.task.validate("task.")
+    if policy_name != hp.task.policy.initial_model:  # the answering policy's context must fit the task too
+        hp.task.policy.initial_model = policy_name
+        hp.task.validate("task.")
     device = distributed.device()
     model, encoding_name = trained_models.load_initial(policy_name, device=device)
     policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
@@ -270,10 +289,33 @@ def main(command: str, args: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {_disk_full_message(e)}", file=sys.stderr)
+        return 1
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _disk_full_message(e: OSError) -> str:
+    """One line for a full disk (or quota): the clear message of the UserError this error
+    interrupted when there is one (e.g. storage's "disk full while writing X"), else what is full."""
+    context = e.__context__
+    while context is not None:
+        if isinstance(context, UserError) and isinstance(context.__context__, OSError) \
+                and context.__context__.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(context)
+        context = context.__context__
+    what = "disk full" if e.errno == errno.ENOSPC else "disk quota exceeded"
+    where = f" while writing {e.filename}" if e.filename else ""
+    return (f"{what}{where} ({e.strerror or os.strerror(e.errno)}); free space (or raise the quota) there, "
+            "or write elsewhere with --save_dir or LMHP_CACHE_DIR, and run again")
 
 
 def launch_entry() -> int:

@@ -40,31 +40,40 @@ def initial_policy(task: lm_tasks.TaskHParams) -> Policy:
     return Policy(model.eval(), encodings.get(encoding_name), task)
 
 
-def collect_mock_labels(reward_hp: train_reward.HParams, save_dir: Path, seed: int) -> Path:
-    """Label the initial policy's samples with the source's mock labeler; write <save_dir>/labels.json."""
-    labeler_name, noise = mock_labelers.parse_source(reward_hp.labels.source)
+def collect_mock_labels(reward_hp: train_reward.HParams, labeler_name: str, noise: float, path: Path,
+                        seed: int) -> None:
+    """Label the initial policy's samples with the mock labeler; write them to `path`."""
     n_responses = collect.count_responses(reward_hp.labels.type)
     num_records = reward_hp.labels.num_train + reward_hp.labels.num_train // HELD_OUT_SHARE
-    path = save_dir / "labels.json"
     logging.print_main(f"labelling {num_records} queries × {n_responses} responses with the {labeler_name!r} "
                        f"mock labeler (noise {noise}) → {path}")
-    records = collect.collect(initial_policy(reward_hp.task), reward_hp.task, collect.MockLabeler(labeler_name, noise, seed),
-                              num_records, n_responses, seed, reward_hp.run.chunk_size)
+    labeler = collect.MockLabeler(labeler_name, noise, seed)
+    records = collect.collect(initial_policy(reward_hp.task), reward_hp.task, labeler, num_records, n_responses, seed,
+                              reward_hp.run.chunk_size)
     label_files.write(records, path)
-    return path
 
 
-def resolve_mock_labels(hp, seed: int) -> str:
-    """Collect the labels (rank 0) and point the reward model's labels.source at the file;
-    returns the labeler's name."""
+def resolve_mock_labels(hp, hparams_file: str) -> tuple[str, int]:
+    """Point the reward model's labels.source at `<save_dir>/labels.json`, claim the save folder,
+    fix the seed, and collect the labels there (rank 0) unless a resumed run has them already.
+
+    Returns (the labeler's name, the seed).
+    """
     reward_hp = reward_hparams(hp)
-    labeler_name, _ = mock_labelers.parse_source(reward_hp.labels.source)
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    path = None
+    labeler_name, noise = mock_labelers.parse_source(reward_hp.labels.source)
+    path = Path(hp.run.save_dir) / "labels.json" if hp.run.save_dir else None
+    if path is not None:
+        reward_hp.labels.source = str(path)  # before the save folder compares hparams with a run it holds
+    run.prepare_save_dir(hp, hparams_file)
+    seed = run.resolve_seed(hp)
     if distributed.is_main():
-        path = str(collect_mock_labels(reward_hp, save_dir or Path(tempfile.mkdtemp()), seed))
-    reward_hp.labels.source = distributed.broadcast_object(path)
-    return labeler_name
+        path = path or Path(tempfile.mkdtemp()) / "labels.json"
+        if path.exists():
+            logging.print_main(f"using the labels collected before: {path}")
+        else:
+            collect_mock_labels(reward_hp, labeler_name, noise, path, seed)
+    reward_hp.labels.source = distributed.broadcast_object(str(path) if path else None)
+    return labeler_name, seed
 
 
 def verdict(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, labeler_name: str, seed: int,
@@ -113,8 +122,8 @@ def print_summary(s: dict) -> None:
 
 def train(mode: str, hp):
     """Run `mode` (train_reward or train_policy) on mock labels; train_policy ends with the labeler's verdict."""
-    seed = run.resolve_seed(hp)
-    labeler_name = resolve_mock_labels(hp, seed)
+    hparams_file = train_reward.HPARAMS_FILE if mode == "train_reward" else train_policy.HPARAMS_FILE
+    labeler_name, seed = resolve_mock_labels(hp, hparams_file)
     if mode == "train_reward":
         return train_reward.train(hp)
     policy, result = train_policy.train(hp)

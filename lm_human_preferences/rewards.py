@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.language.model import Model
 from lm_human_preferences.utils import distributed, storage
@@ -80,6 +80,16 @@ class RewardModel(nn.Module):
         tensors["reward_norm.bias"] = self.bias.detach()
         return tensors
 
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """The inverse of `state_tensors`."""
+        for key in ("heads.reward.weight", "reward_norm.gain", "reward_norm.bias"):
+            if key not in tensors:
+                raise UserError(f"{source}: the checkpoint lacks {key}; is it a policy rather than a reward model?")
+        trained_models.load_into(self.model, tensors, source)
+        with torch.no_grad():
+            self.gain.copy_(tensors["reward_norm.gain"])
+            self.bias.copy_(tensors["reward_norm.bias"])
+
 
 def reward_stats(rewards: torch.Tensor) -> tuple[float, float]:
     """Mean and population std over every rank's rewards."""
@@ -105,17 +115,6 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> RewardModel:
     """A trained reward model from a save folder (path or URL), with its gain and bias."""
     folder = reward_model_folder(path)
     saved = trained_models.load(folder)
-    for key in ("heads.reward.weight", "reward_norm.gain", "reward_norm.bias"):
-        if key not in saved.tensors:
-            raise UserError(f"{folder}: the checkpoint lacks {key}; is it a policy rather than a reward model?")
-    encoding = encodings.get(saved.encoding)
-    if saved.hparams.n_vocab != encoding.n_vocab:
-        raise UserError(f"{folder}: the reward model has {saved.hparams.n_vocab} tokens but its encoding "
-                        f"{saved.encoding!r} has {encoding.n_vocab}; the weights and the encoding do not belong together")
-    model = Model(saved.hparams, heads=("reward",))
-    trained_models.load_into(model, saved.tensors, folder)
-    reward_model = RewardModel(model, encoding)
-    with torch.no_grad():
-        reward_model.gain.copy_(saved.tensors["reward_norm.gain"])
-        reward_model.bias.copy_(saved.tensors["reward_norm.bias"])
+    reward_model = RewardModel(Model(saved.hparams, heads=("reward",)), trained_models.encoding_of(saved, folder))
+    reward_model.load_tensors(saved.tensors, folder)
     return reward_model.to(device)

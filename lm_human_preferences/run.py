@@ -1,7 +1,18 @@
-"""What every training run shares: its `run.*` hyper-parameters, its seed, and its start."""
+"""What every training run shares: its `run.*` hyper-parameters, its seed, its save folder and its start.
 
+A save folder belongs to one run at a time (a lock held by rank 0 for the run's life). Rerun
+into a folder that holds a run with the same hparams, the run resumes where it stopped (its
+seed included); a folder holding a run with other hparams is refused, unless
+`--run.overwrite on` asks to replace it.
+"""
+
+import copy
 import dataclasses
+import fcntl
+import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +43,7 @@ class RunHParams(hyperparams.HParams):
     # A query repeated for several responses (best-of-N labels, N samples per query) runs once;
     # its keys and values serve every response, gradients included.
     share_queries: bool = True
+    overwrite: bool = False  # replace the run already in save_dir instead of resuming or refusing it
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
@@ -74,17 +86,88 @@ def resolve_seed(hp: hyperparams.HParams) -> int:
     return seed
 
 
-def start_run(hp: hyperparams.HParams, hparams_file: str) -> tuple[torch.device, int, Path | None]:
-    """Validate, fix the seed (drawn on rank 0 when unset), print it, and (rank 0) save the hparams.
+LOCK_FILE = ".lock"
+_claimed: set[Path] = set()  # save folders this process holds the lock of (held until it exits)
 
-    Returns (device, seed, save_dir or None). The saved hparams hold the seed actually used,
-    so `--run.seed S` replays a run.
+
+def claim(save_dir: Path) -> None:
+    """Lock `save_dir` for this process; a run already holding it makes this fail at once."""
+    key = save_dir.resolve()
+    if key in _claimed:
+        return
+    save_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(save_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{save_dir} is in use by another run (pid {owner}); wait for it to end, "
+                        "or give this run another name or --save_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _claimed.add(key)
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b and key != "overwrite":
+            keys.append(prefix + key)
+    return keys
+
+
+def _wipe(save_dir: Path) -> None:
+    for path in save_dir.iterdir():
+        if path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def prepare_save_dir(hp: hyperparams.HParams, hparams_file: str) -> None:
+    """Claim the save folder and decide between a new run, resuming, and refusing (see the module doc).
+
+    When the folder's run is resumed with no seed given, its seed is taken over.
+    """
+    if not hp.run.save_dir:
+        return
+    save_dir = Path(hp.run.save_dir)
+    if distributed.is_main():
+        claim(save_dir)
+        path = save_dir / hparams_file
+        if path.exists() and hp.run.overwrite:
+            logging.print_main(f"--run.overwrite: removing the run in {save_dir}")
+            _wipe(save_dir)
+        if path.exists():
+            saved = json.loads(path.read_text())
+            current = copy.deepcopy(hp)
+            current.run.seed = saved["run"]["seed"] if hp.run.seed is None else hp.run.seed
+            fill_missing_seeds(current, current.run.seed)
+            differ = _differences(saved, current.to_nested_dict())
+            if differ:
+                raise UserError(f"{save_dir} holds a run with other hparams ({', '.join(differ[:4])}); give this run "
+                                "another name, or rerun with --run.overwrite on to replace it")
+            hp.run.seed = current.run.seed
+    hp.run.seed = distributed.broadcast_object(hp.run.seed)
+
+
+def save_hparams(hp: hyperparams.HParams, save_dir: Path | None, hparams_file: str) -> None:
+    """Rank 0 saves the resolved hparams (seed included), once the run's inputs have been read."""
+    if save_dir is not None and distributed.is_main():
+        storage.atomic_write_text(save_dir / hparams_file, hp.to_json())
+
+
+def start_run(hp: hyperparams.HParams, hparams_file: str) -> tuple[torch.device, int, Path | None]:
+    """Validate, claim the save folder, fix the seed (drawn on rank 0 when unset) and print it.
+
+    Returns (device, seed, save_dir or None). The trainer saves the hparams with `save_hparams`
+    once its inputs are read; they hold the seed actually used, so `--run.seed S` replays a run.
     """
     hp.validate()
+    prepare_save_dir(hp, hparams_file)
     seed = resolve_seed(hp)
     torch.manual_seed(seed)
     logging.print_main(f"seed {seed} (replay with --run.seed {seed})")
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if save_dir is not None and distributed.is_main():
-        storage.atomic_write_text(save_dir / hparams_file, hp.to_json())
-    return distributed.device(), seed, save_dir
+    return distributed.device(), seed, Path(hp.run.save_dir) if hp.run.save_dir else None

@@ -11,15 +11,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import lm_tasks, rewards, train_reward
+from lm_human_preferences import lm_tasks, resume, rewards, stopping, train_reward
 from lm_human_preferences.labeling import collect
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.policy import Policy
-from lm_human_preferences.run import RunHParams, rank_generator, start_run
+from lm_human_preferences.run import RunHParams, rank_generator, save_hparams, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
 
+HPARAMS_FILE = "train_policy_hparams.json"
+PHASE = "policy"  # its checkpoints and resume state are under <save_dir>/policy and resume/policy
 RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (queries, responses) -> scores [batch]
 
 
@@ -28,6 +30,14 @@ class AdaptiveKLParams(hyperparams.HParams):
     target: Optional[float] = None
     horizon: int = 10000  # in episodes
 
+    def validate(self, _prefix: str = "") -> None:
+        super().validate(_prefix)
+        if self.target is None or not 0 < self.target < float("inf"):
+            raise UserError(f"{_prefix.rstrip('.') or 'adaptive_kl'} needs a positive target, "
+                            f"e.g. --{_prefix}target 6.0")
+        if self.horizon <= 0:
+            raise UserError(f"{_prefix}horizon must be positive (in episodes), got {self.horizon}")
+
 
 @dataclass
 class RewardHParams(hyperparams.HParams):
@@ -35,6 +45,11 @@ class RewardHParams(hyperparams.HParams):
     adaptive_kl: Optional[AdaptiveKLParams] = None
     trained_model: Optional[str] = None
     train_new_model: Optional[train_reward.HParams] = None
+
+    def validate(self, _prefix: str = "") -> None:
+        super().validate(_prefix)
+        if not 0 <= self.kl_coef < float("inf"):
+            raise UserError(f"{_prefix}kl_coef must be a finite number ≥ 0, got {self.kl_coef}")
 
 
 @dataclass
@@ -50,6 +65,25 @@ class PpoHParams(hyperparams.HParams):
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = True
+
+    def validate(self, _prefix: str = "") -> None:
+        super().validate(_prefix)
+        for name in ("total_episodes", "batch_size", "nminibatches", "noptepochs"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise UserError(f"{_prefix}{name} must be positive, got {value}")
+        for name in ("lr", "vf_coef"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise UserError(f"{_prefix}{name} must be a finite number ≥ 0, got {value}")
+        for name in ("cliprange", "cliprange_value"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise UserError(f"{_prefix}{name} must be a positive number, got {value}")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise UserError(f"{_prefix}{name} must be between 0 and 1, got {value}")
 
 
 @dataclass
@@ -69,13 +103,11 @@ class HParams(hyperparams.HParams):
             differ = [k for k, v in self.task.to_nested_dict().items() if new.task.to_nested_dict()[k] != v]
             raise UserError(f"rewards.train_new_model.task differs from task in {', '.join(differ)}; "
                             "the reward model must be trained on the policy's task")
-        if self.rewards.adaptive_kl is not None and not (self.rewards.adaptive_kl.target or 0) > 0:
-            raise UserError("rewards.adaptive_kl needs a positive target, e.g. --rewards.adaptive_kl.target 6.0")
         world = distributed.world_size()
         ppo = self.ppo
         if ppo.batch_size % (world * ppo.nminibatches):
             raise UserError(f"ppo.batch_size={ppo.batch_size} must be divisible by ranks ({world}) × "
-                            f"ppo.nminibatches ({ppo.nminibatches})")
+                            f"ppo.nminibatches ({ppo.nminibatches}); change one of them (ranks: --mpi)")
         minibatch = ppo.batch_size // (world * ppo.nminibatches)
         if ppo.whiten_rewards and minibatch < 8:
             raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
@@ -216,12 +248,31 @@ class PPOTrainer:
         ref_policy.configure(hp.run, frozen=True)
         if isinstance(reward_fn, rewards.RewardModel):
             reward_fn.configure(hp.run, frozen=True)
+        self.query_batches = 0  # drawn so far: a resumed run skips as many
+        self.update = 0  # updates done
+        self.history: list[dict[str, float]] = []  # every update's stats
+
+    def save_state(self, where: Path, checkpoint: str, finished: bool = False) -> None:
+        resume.save_state(where, self.update, checkpoint, self.optimizer, {"sampling": self.generator},
+                          dict(query_batches=self.query_batches, kl_coef=self.kl_ctl.value, history=self.history),
+                          finished)
+
+    def restore(self, state: resume.State, weights: dict[str, torch.Tensor]) -> None:
+        """Continue from a saved state: weights, Adam, this rank's generator, KL coefficient, query stream."""
+        trained_models.load_into(self.policy.model, weights, "the policy checkpoint")
+        resume.restore(state, self.optimizer, {"sampling": self.generator})
+        self.update, self.history = state.step, state.meta["history"]
+        self.kl_ctl.value = state.meta["kl_coef"]
+        for _ in range(state.meta["query_batches"]):
+            next(self.queries)
+        self.query_batches = state.meta["query_batches"]
 
     @torch.no_grad()
     def rollouts(self) -> dict[str, torch.Tensor]:
         """Sample, score and reward one batch (steps 1–4 of an update in docs/original.md)."""
         chunk = self.hp.run.chunk_size
         queries = next(self.queries)
+        self.query_batches += 1
         rollouts = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
         responses = rollouts["responses"]
         ref_logprobs = core.map_chunks(functools.partial(self.ref_policy.analyze_responses, entropies=False), chunk,
@@ -250,6 +301,7 @@ class PPOTrainer:
             for k, v in chunk_stats.items():
                 stats[k] = stats.get(k, 0.0) + v * weight
         distributed.average_gradients(self.params)
+        core.check_finite(f"PPO update {self.update}", loss=stats["ppo/loss/total"], gradients=core.grad_norm(self.params))
         self.optimizer.step()
         stats.update(minibatch_stats(returns, mb["values"]))
         return stats
@@ -291,19 +343,34 @@ def print_samples(rollouts: dict[str, torch.Tensor], encoding: encodings.Encodin
         logging.print_main(f"  score = {score:+.2f}\n  kl = {kl[i]:+.2f}\n  total = {score - kl_coef * kl[i]:+.2f}")
 
 
-def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int, check_replicas: bool = True) -> None:
-    """Checkpoint the policy (rank 0). The replica check is a collective, so it is skipped after a failure."""
-    if check_replicas:
-        distributed.check_replicas_equal(policy.model)
+def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> str:
+    """Checkpoint the policy (rank 0; every rank takes part in the replica check); returns the file name."""
+    distributed.check_replicas_equal(policy.model)
+    core.check_finite(f"the policy after update {update}", weights=core.weight_norm(policy.model.parameters()))
     if distributed.is_main():
-        trained_models.save_checkpoint(save_dir / "policy", policy.model.hparams, encoding_name,
+        trained_models.save_checkpoint(save_dir / PHASE, policy.model.hparams, encoding_name,
+                                       policy.model.state_dict(), update)
+    return trained_models.checkpoint_name(update)
+
+
+def save_crash_checkpoint(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> None:
+    """Rank 0 keeps the weights of a run that died (no collectives: other ranks may be gone), if finite."""
+    weights_ok = torch.isfinite(core.weight_norm(policy.model.parameters()))
+    if distributed.is_main() and weights_ok:
+        trained_models.save_checkpoint(save_dir / PHASE, policy.model.hparams, encoding_name,
                                        policy.model.state_dict(), update)
 
 
 def load_reward_model(hp: HParams, encoding_name: str) -> tuple[rewards.RewardModel, dict | None]:
-    """The frozen reward model, trained first (rewards.train_new_model; with its summary) or loaded."""
+    """The frozen reward model: trained first (rewards.train_new_model; with its summary) — or taken
+    from the save folder when that training already finished —, or loaded (rewards.trained_model)."""
     summary = None
-    if hp.rewards.train_new_model is not None:
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if hp.rewards.train_new_model is not None and save_dir is not None and train_reward.finished(save_dir):
+        logging.print_main(f"the reward model in {save_dir} finished training; using it")
+        reward_model = distributed.main_first(lambda: rewards.load_trained(str(save_dir), distributed.device()))
+        summary = json.loads((save_dir / train_reward.SUMMARY_FILE).read_text())
+    elif hp.rewards.train_new_model is not None:
         reward_hp = hp.rewards.train_new_model
         reward_hp.run.save_dir = hp.run.save_dir
         reward_model, summary = train_reward.train(reward_hp)
@@ -353,29 +420,43 @@ def elapsed_stats(hp: HParams, update: int, step_time: float, started: float) ->
     }
 
 
-def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encoding_name: str) -> list[dict[str, float]]:
-    """Every PPO update, with logging and checkpoints; as the original, a run that stops early
-    keeps what it trained in a checkpoint."""
+def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encoding_name: str) -> None:
+    """The PPO updates from `trainer.update` on, with logging and checkpoints (model and resume
+    state every run.save_interval updates). SIGINT or SIGTERM stops the run after the current
+    update, with a checkpoint to resume from."""
     scalar_log = logging.ScalarLog(save_dir / "tb" / "ppo" if save_dir else None)
-    history: list[dict[str, float]] = []
-    started = time.time()
+
+    def checkpoint(finished: bool = False) -> None:
+        trainer.save_state(resume.folder(save_dir, PHASE), save_policy(trainer.policy, encoding_name, save_dir,
+                                                                        trainer.update), finished)
+
+    started = time.time() - (trainer.history[-1]["elapsed/time"] if trainer.history else 0.0)
     try:
-        with logging.progress(hp.total_updates, "ppo", "update") as bar:
-            for update in range(hp.total_updates):
+        with logging.progress(hp.total_updates, "ppo", "update") as bar, stopping.graceful() as stop:
+            bar.update(trainer.update)
+            while trainer.update < hp.total_updates:
+                update = trainer.update
                 step_started = time.time()
                 stats, rollouts = trainer.step(update)
                 stats.update(elapsed_stats(hp, update, time.time() - step_started, started))
-                history.append(stats)
+                trainer.history.append(stats)
+                trainer.update += 1
                 log_update(hp, update, stats, rollouts, trainer.policy.encoding, scalar_log, bar)
-                if save_dir is not None and (update + 1) % hp.run.save_interval == 0:
-                    save_policy(trainer.policy, encoding_name, save_dir, update + 1)
-    except BaseException:
-        if save_dir is not None and history:
-            save_policy(trainer.policy, encoding_name, save_dir, len(history), check_replicas=False)
+                stop_now = stop.requested()
+                if save_dir is not None and trainer.update < hp.total_updates and (
+                        stop_now or trainer.update % hp.run.save_interval == 0):
+                    checkpoint()
+                if stop_now:
+                    stop.exit(f"after PPO update {trainer.update}" + ("; rerun the same command to resume"
+                                                                     if save_dir is not None else ""))
+    except (Exception, KeyboardInterrupt) as e:  # as the original: keep what was trained when a run dies
+        if save_dir is not None and trainer.history and not isinstance(e, UserError):
+            save_crash_checkpoint(trainer.policy, encoding_name, save_dir, trainer.update)
         raise
     finally:
         scalar_log.close()
-    return history
+    if save_dir is not None:
+        checkpoint(finished=True)
 
 
 def before_after_samples(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, seed: int,
@@ -391,19 +472,27 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
     """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer).
 
     Returns the policy and a summary: the first and last update's stats, every update's stats
-    ("history") and, when a reward model was trained first, its summary ("reward_model").
+    ("history") and, when a reward model was trained first, its summary ("reward_model"). With
+    a save folder, a run resumes from its last checkpoint when run again with the same hparams.
     """
-    device, seed, save_dir = start_run(hp, "train_policy_hparams.json")
+    device, seed, save_dir = start_run(hp, HPARAMS_FILE)
+    state = resume.load_state(resume.folder(save_dir, PHASE)) if save_dir else None
+    if state is not None and state.finished:
+        raise UserError(f"{save_dir} holds a finished run; give this run another name, or rerun with "
+                        "--run.overwrite on to train again")
     policy, ref_policy, encoding_name = load_policies(hp, device)
     reward_summary = None
     if reward_fn is None:
         reward_fn, reward_summary = load_reward_model(hp, encoding_name)
+    save_hparams(hp, save_dir, HPARAMS_FILE)
     trainer = PPOTrainer(policy, ref_policy, reward_fn, hp, seed)
-    history = run_updates(trainer, hp, save_dir, encoding_name)
-    if save_dir is not None:
-        save_policy(policy, encoding_name, save_dir, hp.total_updates)
-        if distributed.is_main():
-            samples = before_after_samples(policy, ref_policy, hp.task, seed)
-            storage.atomic_write_text(save_dir / "samples.json", json.dumps(samples, indent=1))
+    if state is not None:
+        trainer.restore(state, trained_models.load_file(save_dir / PHASE, state.checkpoint).tensors)
+        logging.print_main(f"resuming PPO at update {state.step} of {hp.total_updates}")
+    run_updates(trainer, hp, save_dir, encoding_name)
+    if save_dir is not None and distributed.is_main():
+        samples = before_after_samples(policy, ref_policy, hp.task, seed)
+        storage.atomic_write_text(save_dir / "samples.json", json.dumps(samples, indent=1))
     distributed.barrier()
+    history = trainer.history
     return policy, {"first": history[0], "last": history[-1], "history": history, "reward_model": reward_summary}

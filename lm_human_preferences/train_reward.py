@@ -1,6 +1,7 @@
 """Reward model training from human labels: `./launch.py train_reward ...` (docs/original.md, "Reward model")."""
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -8,15 +9,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import lm_tasks
+from lm_human_preferences import lm_tasks, resume
 from lm_human_preferences.labeling import label_files, label_types
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel, reward_stats
-from lm_human_preferences.run import RunHParams, rank_generator, start_run
+from lm_human_preferences.run import RunHParams, rank_generator, save_hparams, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
+
+HPARAMS_FILE = "train_reward_hparams.json"
+SUMMARY_FILE = "train_reward_summary.json"
+PHASE = "reward_model"  # its checkpoints and resume state are under <save_dir>/reward_model and resume/reward_model
 
 
 @dataclass
@@ -56,11 +61,12 @@ class HParams(hyperparams.HParams):
         if self.normalize_samples < 0 or self.debug_normalize < 0:
             raise UserError(f"{_prefix}normalize_samples and {_prefix}debug_normalize must not be negative")
         if self.labels.num_train % self.batch_size:
-            raise UserError(f"labels.num_train={self.labels.num_train} is not divisible by "
-                            f"batch_size={self.batch_size}; change one of them")
+            raise UserError(f"{_prefix}labels.num_train={self.labels.num_train} is not divisible by "
+                            f"{_prefix}batch_size={self.batch_size}; change one of them")
         if self.batch_size % world or self.rollout_batch_size % world:
-            raise UserError(f"batch_size={self.batch_size} and rollout_batch_size={self.rollout_batch_size} "
-                            f"must be divisible by the number of ranks ({world})")
+            raise UserError(f"{_prefix}batch_size={self.batch_size} and {_prefix}rollout_batch_size="
+                            f"{self.rollout_batch_size} must be divisible by the number of ranks ({world}); "
+                            "change them or the number of ranks (--mpi)")
         if (self.normalize_before or self.normalize_after) and self.normalize_samples <= 0:
             raise UserError("normalize_before/normalize_after need normalize_samples > 0")
 
@@ -80,12 +86,20 @@ class RewardModelTrainer:
         self.queries = lm_tasks.query_batches(
             hp.task, reward_model.encoding, core.exact_div(hp.rollout_batch_size, distributed.world_size()),
             rank=distributed.rank(), world=distributed.world_size(), device=device)
+        self.query_batches = 0  # drawn so far: a resumed run skips as many
+        self.params = list(reward_model.parameters())
+        self.optimizer = TFAdam(self.params, lr=hp.lr, eps=1e-5)
+        self.reward_model.configure(hp.run)  # run.precision / run.share_queries
+        self.policy.configure(hp.run, frozen=self.policy.model is not self.reward_model.model)
+        self.step = 0  # batches trained
+        self.extra: dict = {}  # what the final summary needs from before a resume (normalization stats)
 
     def sample_rewards(self, n_samples: int) -> torch.Tensor:
         """Rewards of the initial policy's (truncated) responses: ceil(n / rollout_batch_size) global batches."""
         rewards = []
         for _ in range(core.ceil_div(n_samples, self.hp.rollout_batch_size)):
             queries = next(self.queries)
+            self.query_batches += 1
             chunk_size = self.hp.run.chunk_size
             responses = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk_size)
             responses = lm_tasks.postprocess_responses(self.hp.task, responses["responses"],
@@ -116,38 +130,58 @@ class RewardModelTrainer:
         rewards = self.reward_model(queries.repeat_interleave(r, dim=0), responses.reshape(n * r, -1))
         return rewards.view(n, r)
 
-    def train(self, train_labels: label_files.Labels, seed: int, scalar_log: logging.ScalarLog) -> dict[str, float]:
+    def train(self, train_labels: label_files.Labels, seed: int, scalar_log: logging.ScalarLog,
+              checkpoint: Callable[[], None]) -> dict[str, float]:
         """`epochs` passes (the original: one) over the labels, each in a permutation shared by all
-        ranks; the lr decays linearly to 0 over all of them."""
+        ranks; the lr decays linearly to 0 over all of them. `checkpoint()` runs every
+        run.save_interval batches; a resumed trainer starts at `self.step`."""
         hp = self.hp
         num_train, world, rank = hp.labels.num_train, distributed.world_size(), distributed.rank()
         per_rank = core.exact_div(hp.batch_size, world)
         total = hp.epochs * num_train
-        params = list(self.reward_model.parameters())
-        optimizer = TFAdam(params, lr=hp.lr, eps=1e-5)
-        self.reward_model.configure(hp.run)  # run.precision / run.share_queries
-        self.policy.configure(hp.run, frozen=self.policy.model is not self.reward_model.model)
-        stats: dict[str, float] = {}
+        stats: dict[str, float] = dict(self.extra.get("last_stats", {}))
         with logging.progress(hp.total_steps, "reward model", "batch") as bar:
+            bar.update(self.step)
             for epoch in range(hp.epochs):
                 order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
                 for start in range(0, num_train, hp.batch_size):
                     done = epoch * num_train + start
-                    step = done // hp.batch_size
-                    optimizer.set_lr(hp.lr * (1 - done / total))
+                    if done // hp.batch_size < self.step:
+                        continue
+                    self.optimizer.set_lr(hp.lr * (1 - done / total))
                     batch = train_labels[order[start + rank * per_rank:start + (rank + 1) * per_rank]]
-                    optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=True)
                     batch_stats = self.accumulate_gradients(batch)
-                    distributed.average_gradients(params)
-                    optimizer.step()
+                    distributed.average_gradients(self.params)
+                    core.check_finite(f"reward model batch {self.step}", loss=batch_stats["loss"],
+                                      gradients=core.grad_norm(self.params))
+                    self.optimizer.step()
                     stats = {f"train/{k}": v for k, v in distributed.mean_stats(batch_stats).items()}
-                    stats["train/lr"] = optimizer.param_groups[0]["lr"]
-                    scalar_log.scalars(stats, step)
+                    stats["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                    scalar_log.scalars(stats, self.step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['train/loss']:.4f}")
-                    if step % hp.run.log_interval == 0:
-                        logging.print_main(f"batch {step}:", logging.format_stats(stats))
+                    if self.step % hp.run.log_interval == 0:
+                        logging.print_main(f"batch {self.step}:", logging.format_stats(stats))
+                    self.step += 1
+                    self.extra["last_stats"] = stats
+                    if self.step % hp.run.save_interval == 0 and self.step < hp.total_steps:
+                        checkpoint()
         return stats
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"sampling": self.generator}
+
+    def save_state(self, where: Path, checkpoint: str, finished: bool = False) -> None:
+        resume.save_state(where, self.step, checkpoint, self.optimizer, self.generators(),
+                          dict(query_batches=self.query_batches, extra=self.extra), finished)
+
+    def restore(self, state: resume.State) -> None:
+        resume.restore(state, self.optimizer, self.generators())
+        self.step, self.extra = state.step, state.meta["extra"]
+        for _ in range(state.meta["query_batches"]):
+            next(self.queries)
+        self.query_batches = state.meta["query_batches"]
 
     def labels_of(self, batch: label_files.Labels) -> torch.Tensor:
         return torch.as_tensor(batch.columns[self.label_type.label_key], device=self.reward_model.device)
@@ -204,32 +238,62 @@ def load_labels(hp: HParams, encoding: encodings.Encoding, source: str) -> tuple
     return label_files.split(distributed.main_first(read), hp.labels.num_train, source)
 
 
-def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: int) -> None:
+def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: int) -> str:
+    """Checkpoint the reward model (rank 0; every rank takes part in the replica check); returns the file name."""
     distributed.check_replicas_equal(reward_model)
+    name = trained_models.checkpoint_name(step)
     if distributed.is_main():
         trained_models.save_checkpoint(save_dir / "reward_model", reward_model.model.hparams, encoding_name,
                                        reward_model.state_tensors(), step)
+    return name
 
 
-def train(hp: HParams) -> tuple[RewardModel, dict]:
-    """Train a reward model per `hp`; returns it and a summary (final train stats, held-out metrics)."""
-    device, seed, save_dir = start_run(hp, "train_reward_hparams.json")
-
+def load_models(hp: HParams, device: torch.device) -> tuple[RewardModel, Policy, str]:
+    """(reward model to train, the initial policy that samples for normalization, encoding name)."""
     model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("reward",), device=device)
     encoding = encodings.get(encoding_name)
     reward_model = RewardModel(model, encoding)
     distributed.broadcast_module(reward_model)
     ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
-    policy = Policy(ref_model.eval(), encoding, hp.task)
+    return reward_model, Policy(ref_model.eval(), encoding, hp.task), encoding_name
+
+
+def finished(save_dir: Path) -> bool:
+    """Whether `save_dir` holds a reward model whose training finished."""
+    state = resume.load_state(resume.folder(save_dir, PHASE))
+    return state is not None and state.finished
+
+
+def train(hp: HParams) -> tuple[RewardModel, dict]:
+    """Train a reward model per `hp`; returns it and a summary (final train stats, held-out metrics).
+
+    With a save folder, the trainer checkpoints every run.save_interval batches and resumes
+    from its last checkpoint when run again with the same hparams.
+    """
+    device, seed, save_dir = start_run(hp, HPARAMS_FILE)
+    state = resume.load_state(resume.folder(save_dir, PHASE)) if save_dir else None
+    if state is not None and state.finished:
+        raise UserError(f"{save_dir} holds a finished reward model; give this run another name, or rerun with "
+                        "--run.overwrite on to train it again")
+    reward_model, policy, encoding_name = load_models(hp, device)
     label_type = label_types.get(hp.labels.type)
-    train_labels, heldout = load_labels(hp, encoding, hp.labels.source)
+    train_labels, heldout = load_labels(hp, reward_model.encoding, hp.labels.source)
+    save_hparams(hp, save_dir, HPARAMS_FILE)
 
     trainer = RewardModelTrainer(reward_model, policy, hp, seed)
+    if state is not None:
+        reward_model.load_tensors(trained_models.load_file(save_dir / PHASE, state.checkpoint).tensors)
+        trainer.restore(state)
+        logging.print_main(f"resuming the reward model at batch {state.step} of {hp.total_steps}")
+
+    def checkpoint() -> None:
+        trainer.save_state(resume.folder(save_dir, PHASE), save(reward_model, encoding_name, save_dir, trainer.step))
+
     scalar_log = logging.ScalarLog(save_dir / "tb" / "reward_model" if save_dir else None)
-    summary: dict = {}
-    if hp.normalize_before:
-        summary["normalize_before"] = trainer.normalize(*target_moments(label_type, train_labels))
-    summary["train"] = trainer.train(train_labels, seed, scalar_log)
+    if hp.normalize_before and state is None:
+        trainer.extra["normalize_before"] = trainer.normalize(*target_moments(label_type, train_labels))
+    summary: dict = {k: v for k, v in trainer.extra.items() if k.startswith("normalize")}
+    summary["train"] = trainer.train(train_labels, seed, scalar_log, checkpoint if save_dir else lambda: None)
     if hp.normalize_after:
         summary["normalize_after"] = trainer.normalize(0.0, 1.0)
     if len(heldout):
@@ -238,8 +302,10 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
         scalar_log.scalars({f"heldout/{k}": v for k, v in summary["heldout"].items()}, hp.total_steps)
     scalar_log.close()
     if save_dir is not None:
-        save(reward_model, encoding_name, save_dir, hp.total_steps)
+        core.check_finite("the trained reward model", weights=core.weight_norm(reward_model.parameters()))
+        trainer.save_state(resume.folder(save_dir, PHASE), save(reward_model, encoding_name, save_dir, hp.total_steps),
+                           finished=True)
         if distributed.is_main():
-            storage.atomic_write_text(save_dir / "train_reward_summary.json", json.dumps(summary, indent=2))
+            storage.atomic_write_text(save_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     distributed.barrier()
     return reward_model, summary

@@ -11,6 +11,7 @@ or URL) may be in any of these layouts:
   Hugging Face       config.json + model.safetensors (a local GPT2LMHeadModel folder)
 """
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as safetensors_load_file, save
 
 from lm_human_preferences.language import encodings, hf, tf_checkpoint
 from lm_human_preferences.language.model import HParams, Model
@@ -58,13 +59,42 @@ def load_initial(name: str, heads: tuple[str, ...] = (), device: torch.device | 
         saved = load(str(PACKAGED[name]))
     else:
         saved = load(GPT2_URL.format(name=name) if name in GPT2_MODELS else name)
-    n_vocab = encodings.get(saved.encoding).n_vocab
-    if saved.hparams.n_vocab != n_vocab:
-        raise UserError(f"{name}: the model has {saved.hparams.n_vocab} tokens but its encoding {saved.encoding!r} "
-                        f"has {n_vocab}; the weights and the encoding do not belong together")
+    encoding_of(saved, name)
     model = Model(saved.hparams, heads=heads)
     load_into(model, saved.tensors, name)
     return model.to(device), saved.encoding
+
+
+def context_and_encoding(name: str) -> tuple[int, str]:
+    """(n_ctx, encoding name) of a named model or a folder, read from its hparams.json (or a
+    Hugging Face folder's config.json) without loading, or downloading, any weights."""
+    if name == "test":
+        return TEST_HPARAMS.n_ctx, "test"
+    if name in GPT2_MODELS:
+        return 1024, "main"
+    folder = str(PACKAGED[name]) if name in PACKAGED else storage.canonical_url(name.rstrip("/"))
+    if not storage.is_remote(folder):
+        if Path(folder, "config.json").exists():
+            config = _read_json(str(Path(folder, "config.json")), "the Hugging Face config")
+            if not isinstance(config, dict):
+                raise UserError(f"{Path(folder, 'config.json')}: the Hugging Face config must be a JSON object")
+            encoding_file = Path(folder, "encoding")
+            encoding = _read_json(str(encoding_file), "the encoding name") if encoding_file.exists() else "main"
+            return int(config.get("n_positions", config.get("n_ctx", 1024))), encoding
+        if not Path(folder, "hparams.json").exists():
+            raise UserError(f"{name}: no model here (looked for hparams.json and config.json); pass a save folder "
+                            f"such as <save_dir>/policy or a model name ({', '.join(('test', *PACKAGED, *GPT2_MODELS))})")
+    hparams, encoding = _hparams_and_encoding(folder)
+    return hparams.n_ctx, encoding
+
+
+def encoding_of(saved: Saved, source: str) -> encodings.Encoding:
+    """The checkpoint's encoding, checked against the model's vocabulary size."""
+    encoding = encodings.get(saved.encoding)
+    if saved.hparams.n_vocab != encoding.n_vocab:
+        raise UserError(f"{source}: the model has {saved.hparams.n_vocab} tokens but its encoding {saved.encoding!r} "
+                        f"has {encoding.n_vocab}; the weights and the encoding do not belong together")
+    return encoding
 
 
 def load_into(model: Model, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -116,14 +146,38 @@ def _hparams_and_encoding(folder: str) -> tuple[HParams, str]:
 
 
 def _load_ours(folder: str) -> Saved:
-    hparams, encoding = _hparams_and_encoding(folder)
     latest = storage.fetch(storage.join(folder, "checkpoints", "latest")).read_text().strip()
-    path = storage.fetch(storage.join(folder, "checkpoints", latest))
+    return load_file(folder, latest)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"model-{step:07d}.safetensors"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_file(folder: str | Path, name: str) -> Saved:
+    """One checkpoint file of our layout, its checksum verified (files saved before checksums load unverified)."""
+    hparams, encoding = _hparams_and_encoding(str(folder))
+    path = storage.fetch(storage.join(str(folder), "checkpoints", name))
     try:
-        tensors = load_file(path)
+        tensors = safetensors_load_file(path)
+        with safe_open(path, "pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: cannot read the checkpoint ({e}); it may be truncated or corrupt") from None
-    step = re.search(r"(\d+)", latest)
+    if expected is not None and _digest(tensors) != expected:
+        raise UserError(f"{path}: the checkpoint's checksum does not match its contents; the file is corrupt "
+                        "(restore it, or resume from an earlier checkpoint by pointing checkpoints/latest at one)")
+    step = re.search(r"(\d+)", name)
     return Saved(hparams, encoding, tensors, step=int(step.group(1)) if step else 0)
 
 
@@ -191,9 +245,10 @@ def save_checkpoint(folder: str | Path, hparams: HParams, encoding: str, tensors
     storage.atomic_write_text(folder / "hparams.json", hparams.to_json())
     storage.atomic_write_text(folder / "encoding", json.dumps(encoding))
     checkpoints = folder / "checkpoints"
-    name = f"model-{step:07d}.safetensors"
-    data = save({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()})
-    storage.atomic_write_bytes(checkpoints / name, data)
-    storage.atomic_write_text(checkpoints / "latest", name)
-    for old in sorted(checkpoints.glob("model-*.safetensors"))[:-KEEP_CHECKPOINTS]:
+    name = checkpoint_name(step)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    storage.atomic_write_bytes(checkpoints / name, save(tensors, metadata={"sha256": _digest(tensors)}))
+    storage.atomic_write_text(checkpoints / "latest", name)  # only once the file is whole on disk
+    earlier = sorted(p for p in checkpoints.glob("model-*.safetensors") if p.name < name)
+    for old in earlier[:-(KEEP_CHECKPOINTS - 1)]:
         old.unlink()

@@ -74,3 +74,26 @@ def map_chunks(fn: Callable, chunk_size: int | None, *tensors: torch.Tensor):
     if isinstance(outputs[0], dict):
         return {k: None if outputs[0][k] is None else torch.cat([o[k] for o in outputs]) for k in outputs[0]}
     return torch.cat(outputs)
+
+
+def grad_norm(params) -> torch.Tensor:
+    """The L2 norm of all gradients together (0 when there are none)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def weight_norm(params) -> torch.Tensor:
+    """The L2 norm of all parameters together."""
+    return torch.nn.utils.get_total_norm([p.detach() for p in params])
+
+
+def check_finite(where: str, **quantities: torch.Tensor) -> None:
+    """Stop the run with a clear error when a loss, gradient or weight norm is NaN or infinite.
+
+    Raised before the optimizer step (or the save), so nothing non-finite reaches a checkpoint
+    and the last good one stays `latest`.
+    """
+    for name, value in quantities.items():
+        if not torch.isfinite(value).all():
+            raise UserError(f"{where}: the {name} became {value.float().sum().item()}; training diverged. The last "
+                            "good checkpoint is kept; lower the learning rate and rerun with --run.overwrite on")

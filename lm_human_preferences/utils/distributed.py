@@ -8,15 +8,17 @@ import contextlib
 import datetime
 import functools
 import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.errors import Stopped, UserError
 
 # Environment variables of launchers that start every rank themselves: (rank, world size, local rank).
 _LAUNCHERS = {
@@ -35,7 +37,28 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
+    if is_initialized():
+        return dist.get_world_size()
+    return _validation_world or 1
+
+
+_validation_world: int | None = None  # set by validation_world() while hyper-parameters are checked
+
+
+@contextlib.contextmanager
+def validation_world(ranks: int):
+    """Within the block, world_size() reports the world size the run will have, so that
+    hyper-parameters are validated in the parent process before any rank is started: the
+    launcher's (torchrun, mpirun, Slurm) when one started this process, else `ranks` (--mpi).
+    Inside an initialized process group world_size() stays the real one.
+    """
+    global _validation_world
+    launched = external_launcher()
+    previous, _validation_world = _validation_world, launched[2] if launched else ranks
+    try:
+        yield
+    finally:
+        _validation_world = previous
 
 
 def is_main() -> bool:
@@ -138,6 +161,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor) / world_size()
 
@@ -224,12 +254,24 @@ def external_launcher() -> tuple[str, int, int, int] | None:
     return None
 
 
+def rank_timeout() -> float:
+    """Seconds a rank may go silent (stopped, or stuck before a collective) before every rank is stopped."""
+    text = os.environ.get("LMHP_RANK_TIMEOUT", "1800")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"LMHP_RANK_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _init(rank: int, world: int, local_rank: int, init_method: str) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(seconds=rank_timeout()))
 
 
 def _free_port() -> int:
@@ -246,6 +288,10 @@ def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: st
     except UserError as e:
         print(f"error (rank {index}): {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Stopped as e:
+        if index == 0:
+            print(f"{e}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -276,13 +322,49 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
     if torch.cuda.is_available() and ranks > torch.cuda.device_count():
         raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
     init_method = f"tcp://127.0.0.1:{_free_port()}"
+    timeout = rank_timeout()
     context = mp.start_processes(_run_rank, args=(fn, args, ranks, init_method), nprocs=ranks, join=False,
                                  start_method="spawn")
+    pids = [p.pid for p in context.processes]
+    # The ranks stop after their current update on SIGINT/SIGTERM (a repeat within 2 s counts once).
+    previous = {s: signal.signal(s, lambda signum, _: [_signal(pid, signum) for pid in pids])
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    stopped_since: dict[int, float] = {}
     try:
-        while not context.join():
-            pass
+        while not context.join(timeout=1):
+            _check_stopped_ranks(pids, stopped_since, timeout, context)
     except mp.ProcessExitedException as e:
+        if e.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            raise Stopped(e.exit_code - 128, "stopped; rerun the same command to resume") from None
         raise UserError(f"rank {e.error_index} failed (exit code {e.exit_code}); the other ranks were stopped") from None
     except mp.ProcessRaisedException as e:
         print(str(e), file=sys.stderr)
         raise UserError(f"rank {e.error_index} failed with the error above; the other ranks were stopped") from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _check_stopped_ranks(pids: list[int], stopped_since: dict[int, float], timeout: float, context) -> None:
+    """Stop every rank when one has been stopped (SIGSTOP, a debugger) for longer than `timeout` seconds."""
+    now = time.monotonic()
+    for index, pid in enumerate(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # not Linux, or the process is gone: join() reports it
+        if state not in ("T", "t"):
+            stopped_since.pop(index, None)
+            continue
+        since = stopped_since.setdefault(index, now)
+        if now - since > timeout:
+            for other in pids:
+                _signal(other, signal.SIGKILL)
+            raise UserError(f"rank {index} (pid {pid}) stopped responding for {now - since:.0f} s "
+                            "(LMHP_RANK_TIMEOUT); every rank was stopped")
