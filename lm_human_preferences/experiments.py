@@ -5,8 +5,10 @@
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
-from lm_human_preferences import demo, lm_tasks, train_policy, train_reward
+from lm_human_preferences import demo, lm_tasks, report, run, train_policy, train_reward
+from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 
 LABELS = "gs://lm-human-preferences/labels"
@@ -158,11 +160,25 @@ def _check_mode(mode: str) -> None:
 
 
 def train_function(mode: str, hp) -> Callable:
-    """The function that runs `hp` on each rank; runs on mock labels go through the offline demo."""
+    """The function that runs `hp` on each rank; runs on mock labels go through the offline demo.
+    Every run ends (or dies) with its report written."""
     _check_mode(mode)
     if demo.uses_mock_labels(hp):
-        return functools.partial(demo.train, mode)
-    return {"train_reward": train_reward.train, "train_policy": train_policy.train}[mode]
+        return functools.partial(train_and_report, functools.partial(demo.train, mode))
+    return functools.partial(train_and_report, {"train_reward": train_reward.train, "train_policy": train_policy.train}[mode])
+
+
+def train_and_report(train: Callable, hp):
+    """train(hp), then (rank 0, when the run owns its save folder) the run report, even after a crash."""
+    try:
+        return train(hp)
+    finally:
+        save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+        if save_dir is not None and distributed.is_main() and run.owns(save_dir):
+            try:
+                print(f"report: {report.write_report(save_dir)}", flush=True)
+            except UserError as e:
+                print(f"could not write the run report: {e}", flush=True)
 
 
 def get(mode: str, name: str):

@@ -109,6 +109,11 @@ def claim(save_dir: Path) -> None:
     _claimed.add(key)
 
 
+def owns(save_dir: Path) -> bool:
+    """Whether this process holds `save_dir`'s lock (it runs the run that lives there)."""
+    return save_dir.resolve() in _claimed
+
+
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(saved) | set(current)):

@@ -1,6 +1,7 @@
 """The offline demo, shortened: it must show the method working end to end, by a wide margin."""
 
 import json
+import re
 
 import pytest
 
@@ -35,6 +36,12 @@ def test_mock_descriptiveness_learns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "win rate of the trained policy against the initial one" in out
     assert "seed 0 (replay with --run.seed 0)" in out
+    # the run ends with its report: every plot exists, and the headline numbers are the summary's
+    assert f"report: {tmp_path / 'ci' / 'report.html'}" in out
+    page = (tmp_path / "ci" / "report.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) >= 8 and all((tmp_path / "ci" / src).stat().st_size > 1000 for src in images)
+    assert f"{100 * summary['win_rate']:.1f}%" in page
 
 
 @pytest.mark.parametrize("given_seed", [None, 5])
