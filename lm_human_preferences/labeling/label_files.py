@@ -46,10 +46,13 @@ def _tokens(record: dict, key: str, length: int, vocab: Vocabulary, index: int, 
     if len(value) != length:
         raise UserError(f"{source}: record {index}: {key!r} has {len(value)} tokens, the task expects {length}; "
                         "set task.query_length / task.response_length to match the file")
-    tokens = np.asarray(value, dtype=np.int64)
-    bad = (tokens < 0) | ((tokens >= vocab.n_vocab) & (tokens != vocab.padding_token))
-    if bad.any():
-        raise UserError(f"{source}: record {index}: {key!r} holds token id {tokens[bad][0]}, outside the vocabulary "
+    try:
+        tokens = np.asarray(value, dtype=np.int64)
+        bad = tokens[(tokens < 0) | ((tokens >= vocab.n_vocab) & (tokens != vocab.padding_token))].tolist()
+    except OverflowError:  # an id beyond int64 is outside every vocabulary
+        bad = [t for t in value if not (0 <= t < vocab.n_vocab or t == vocab.padding_token)]
+    if bad:
+        raise UserError(f"{source}: record {index}: {key!r} holds token id {bad[0]}, outside the vocabulary "
                         f"(0..{vocab.n_vocab - 1}) and not the padding token {vocab.padding_token}; "
                         "was the file made with another encoding?")
     return tokens.astype(np.int32)

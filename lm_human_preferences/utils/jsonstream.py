@@ -12,7 +12,7 @@ _WHITESPACE = re.compile(r"\s*")
 def json_list_items(text: str, source: str) -> Iterator:
     """Yield the items of the JSON list in `text` one by one (errors name `source`)."""
     decoder = json.JSONDecoder()
-    pos = _WHITESPACE.match(text, 0).end()
+    pos = _WHITESPACE.match(text, 1 if text.startswith("\ufeff") else 0).end()  # skip a byte order mark
     if not text.startswith("[", pos):
         raise UserError(f"{source}: the file must be a JSON list of records")
     pos = _WHITESPACE.match(text, pos + 1).end()
