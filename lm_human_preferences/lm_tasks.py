@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from lm_human_preferences.language import datasets
+from lm_human_preferences.language import datasets, encodings, trained_models
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.utils import hyperparams
 from lm_human_preferences.utils.errors import UserError
@@ -44,8 +44,31 @@ class TaskHParams(hyperparams.HParams):
             raise UserError(f"hparam {_prefix}policy.initial_model must be set (e.g. 124M)")
         if self.query_length <= 0 or self.response_length <= 0:
             raise UserError(f"{_prefix}query_length and {_prefix}response_length must be positive")
-        if self.policy.temperature <= 0:
+        if not 0 < self.policy.temperature < float("inf"):
             raise UserError(f"hparam {_prefix}policy.temperature must be positive, got {self.policy.temperature}")
+        self._check_context(_prefix)
+
+    def _check_context(self, _prefix: str) -> None:
+        """Query (with its prefix and suffix) and response must fit the initial model's context."""
+        model = self.policy.initial_model
+        n_ctx, encoding_name = trained_models.context_and_encoding(model)
+        texts = [text for text in (self.query_prefix, self.query_suffix) if text]  # `main` downloads its BPE files
+        extra = sum(len(encodings.get(encoding_name).encode(text)) for text in texts)
+        total = extra + self.query_length + self.response_length
+        if total <= n_ctx:
+            return
+        parts = f"{_prefix}query_length ({self.query_length}) + {_prefix}response_length ({self.response_length})"
+        if extra:
+            parts += f" + {extra} tokens of {_prefix}query_prefix/query_suffix"
+        budget = n_ctx - extra  # for query_length + response_length
+        if budget - self.query_length >= 1:
+            fix = f"lower --{_prefix}response_length to at most {budget - self.query_length}"
+        elif budget >= 2:
+            fix = f"lower --{_prefix}query_length and --{_prefix}response_length to at most {budget} together"
+        else:
+            fix = f"shorten --{_prefix}query_prefix and --{_prefix}query_suffix"
+        raise UserError(f"{parts} = {total} tokens exceed the context of model {model!r} ({n_ctx} tokens); "
+                        f"{fix}, or choose a model with a longer context")
 
 
 def query_formatter(task: TaskHParams, encoding: Encoding):
