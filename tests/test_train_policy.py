@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from lm_human_preferences import train_policy, train_reward
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.tf_adam import TFAdam
 
 TASK = {"query_length": 2, "query_dataset": "test", "response_length": 3,
         "policy": {"initial_model": "test", "temperature": 1.0}}
@@ -67,8 +68,35 @@ def test_truncation(tmp_path, reward_dir):
 def test_prefix_and_suffix(tmp_path, reward_dir):
     hp = policy_hparams(tmp_path, task={**TASK, "query_prefix": "a", "query_suffix": "b"},
                         rewards={"trained_model": reward_dir})
-    _, summary = train_policy.train(hp)
+    policy, summary = train_policy.train(hp)
     assert torch.isfinite(torch.tensor(summary["last"]["ppo/loss/total"]))
+    # The policy sees encode('a') + query + encode('b') (ids 0 and 1), then the response.
+    queries, responses = torch.tensor([[7, 8], [9, 27]]), torch.tensor([[4, 5, 6], [10, 11, 12]])  # 27 pads
+    context = torch.cat([torch.zeros(2, 1, dtype=torch.long), queries, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = policy.model(torch.cat([context, responses], dim=1), 27).logits[:, 3:-1].float()
+    expected = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
+    got = policy.analyze_responses(queries, responses)["logprobs"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and the prefix matters: without it the numbers differ
+        bare = policy.model(torch.cat([queries, responses], dim=1), 27).logits[:, 1:-1].float()
+    assert not torch.allclose(torch.log_softmax(bare, -1).gather(-1, responses[..., None])[..., 0], expected)
+
+
+def test_learning_rate_schedules(tmp_path, reward_dir, monkeypatch):
+    """PPO: lr · (1 − update / total_updates); reward model: lr · (1 − records done / all passes' records)."""
+    seen, original = [], TFAdam.set_lr
+
+    def recording(self, lr: float) -> None:
+        seen.append(lr)
+        original(self, lr)
+
+    monkeypatch.setattr(TFAdam, "set_lr", recording)
+    train_policy.train(policy_hparams(tmp_path, rewards={"trained_model": reward_dir}))  # 4 updates of 8
+    assert seen == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    seen.clear()
+    train_reward.train(reward_hparams(lr=0.01, epochs=2))  # 2 passes over 16 labels, batches of 8
+    assert seen == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
 
 
 def test_adaptive_kl(tmp_path, reward_dir):

@@ -6,6 +6,7 @@ is not initialized. Rank 0 owns downloads, printing, TensorBoard and checkpoints
 
 import contextlib
 import datetime
+import errno
 import functools
 import os
 import signal
@@ -287,6 +288,12 @@ def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: st
         fn(*args)
     except UserError as e:
         print(f"error (rank {index}): {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error (rank {index}): disk full while writing {e.filename or 'a file'} ({e.strerror}); free space "
+              "and run again", file=sys.stderr, flush=True)
         sys.exit(1)
     except Stopped as e:
         if index == 0:
