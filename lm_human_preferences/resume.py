@@ -85,6 +85,15 @@ def load_state(where: Path) -> State | None:
                  dict(record["meta"], param_groups=record["param_groups"]))
 
 
+def unfinished_state(save_dir: Path | None, phase: str, what: str) -> State | None:
+    """The state to resume `phase` from (None for a fresh start); a finished phase is an error."""
+    state = load_state(folder(save_dir, phase)) if save_dir is not None else None
+    if state is not None and state.finished:
+        raise UserError(f"{save_dir} holds {what} that finished; give this run another name, or rerun with "
+                        "--run.overwrite on to train again")
+    return state
+
+
 def _read(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)

@@ -476,10 +476,7 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
     a save folder, a run resumes from its last checkpoint when run again with the same hparams.
     """
     device, seed, save_dir = start_run(hp, HPARAMS_FILE)
-    state = resume.load_state(resume.folder(save_dir, PHASE)) if save_dir else None
-    if state is not None and state.finished:
-        raise UserError(f"{save_dir} holds a finished run; give this run another name, or rerun with "
-                        "--run.overwrite on to train again")
+    state = resume.unfinished_state(save_dir, PHASE, "a policy run")
     policy, ref_policy, encoding_name = load_policies(hp, device)
     reward_summary = None
     if reward_fn is None:

@@ -271,10 +271,7 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
     from its last checkpoint when run again with the same hparams.
     """
     device, seed, save_dir = start_run(hp, HPARAMS_FILE)
-    state = resume.load_state(resume.folder(save_dir, PHASE)) if save_dir else None
-    if state is not None and state.finished:
-        raise UserError(f"{save_dir} holds a finished reward model; give this run another name, or rerun with "
-                        "--run.overwrite on to train it again")
+    state = resume.unfinished_state(save_dir, PHASE, "a reward model run")
     reward_model, policy, encoding_name = load_models(hp, device)
     label_type = label_types.get(hp.labels.type)
     train_labels, heldout = load_labels(hp, reward_model.encoding, hp.labels.source)

@@ -110,7 +110,7 @@ def test_an_existing_run_is_resumed_refused_or_overwritten(tmp_path, capsys):
     assert "holds a run with other hparams (lr)" in capsys.readouterr().err
     assert (tmp_path / "r" / "train_reward_hparams.json").read_text() == hparams
     assert cli.main("launch", args) == 1
-    assert "holds a finished reward model" in capsys.readouterr().err
+    assert "holds a reward model run that finished" in capsys.readouterr().err
     assert cli.main("launch", [*args, "--lr", "0.001", "--run.overwrite", "on"]) == 0
     assert json.loads((tmp_path / "r" / "train_reward_hparams.json").read_text())["lr"] == 0.001
 
