@@ -1,14 +1,13 @@
 """The original's command lines: `launch.py train_reward|train_policy ...` and `sample.py sample ...`."""
 
 import errno
-import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from lm_human_preferences import experiments, lm_tasks, run, train_policy
+from lm_human_preferences import experiments, lm_tasks, options, run, serve, train_policy
 from lm_human_preferences.labeling import collect, label_files, mock_labelers
 from lm_human_preferences.language import encodings, hf, trained_models
 from lm_human_preferences.policy import Policy
@@ -57,60 +56,6 @@ options:
 """
 
 
-def parse_flags(args: list[str], booleans: set[str]) -> dict[str, str]:
-    """`--key value` / `--key=value` pairs; keys in `booleans` may stand alone (meaning true)."""
-    flags: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise UserError(f"unexpected argument {arg!r}; options look like --key value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if key in booleans and (i + 1 == len(args) or args[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(args):
-                i += 1
-                value = args[i]
-            else:
-                raise UserError(f"option --{key} needs a value")
-        flags[key] = value
-        i += 1
-    return flags
-
-
-def _parse_int(flags: dict[str, str], key: str, default: int | None, minimum: int | None = None,
-               meaning: str = "") -> int | None:
-    """The integer value of --key (popped), at least `minimum`; `meaning` explains the bound."""
-    if key not in flags:
-        return default
-    try:
-        value = int(flags.pop(key))
-    except ValueError:
-        raise UserError(f"--{key} needs an integer") from None
-    if minimum is not None and value < minimum:
-        raise UserError(f"--{key} must be at least {minimum}{meaning}, got {value}")
-    return value
-
-
-def _parse_float(flags: dict[str, str], key: str, default: float, positive: bool) -> float:
-    """The finite number given as --key (popped): > 0 when `positive`, else ≥ 0."""
-    try:
-        value = float(flags.pop(key, default))
-    except ValueError:
-        raise UserError(f"--{key} needs a number") from None
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise UserError(f"--{key} must be a finite {'positive' if positive else 'non-negative'} number, got {value}")
-    return value
-
-
-def _parse_bool(flags: dict[str, str], key: str) -> bool:
-    value = flags.pop(key, "false").lower()
-    if value not in ("true", "false", "1", "0", "on", "off"):
-        raise UserError(f"--{key} takes no value or true/false, got {value!r}")
-    return value in ("true", "1", "on")
-
-
 def resolve(mode: str, experiment: str, name: str, flags: dict[str, str], ranks: int = 1):
     """The experiment's hparams with overrides applied and run.save_dir set, validated for a run
     on `ranks` ranks (or as many as torchrun, mpirun or Slurm started)."""
@@ -139,9 +84,9 @@ def launch(args: list[str]) -> None:
     if len(args) < 3 or any(a.startswith("--") for a in args[:3]):
         raise UserError("usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--flags] (see --help)")
     mode, experiment, name = args[:3]
-    flags = parse_flags(args[3:], booleans={"dry_run"})
-    ranks = _parse_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
-    dry_run = _parse_bool(flags, "dry_run")
+    flags = options.parse(args[3:], booleans={"dry_run"})
+    ranks = options.pop_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
+    dry_run = options.pop_bool(flags, "dry_run")
     hp = resolve(mode, experiment, name, flags, ranks)
     print(f"{mode} {experiment} → {hp.run.save_dir}")
     print(hp.to_json())
@@ -185,16 +130,16 @@ def sample(args: list[str]) -> None:
         return
     if args[0] != "sample":
         raise UserError(f"unknown command {args[0]!r}; usage: sample.py sample --save_dir D (see --help)")
-    flags = parse_flags(args[1:], booleans=set())
+    flags = options.parse(args[1:], booleans=set())
     if "save_dir" not in flags:
         raise UserError("sample needs --save_dir (a train_policy save folder or URL)")
     save_dir = flags.pop("save_dir")
     savescope = flags.pop("savescope", "policy")
-    ranks = _parse_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
-    seed = _parse_int(flags, "seed", None)
-    batch_size = _parse_int(flags, "batch_size", 4, minimum=1)
-    nsamples = _parse_int(flags, "nsamples", 0, minimum=0, meaning=" (0 samples forever)")
-    temperature = _parse_float(flags, "temperature", 1.0, positive=True)
+    ranks = options.pop_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
+    seed = options.pop_int(flags, "seed", None)
+    batch_size = options.pop_int(flags, "batch_size", 4, minimum=1)
+    nsamples = options.pop_int(flags, "nsamples", 0, minimum=0, meaning=" (0 samples forever)")
+    temperature = options.pop_float(flags, "temperature", 1.0, positive=True)
     if flags:
         raise UserError(f"unknown option --{next(iter(flags))} (see --help)")
     distributed.run(_sample_rank, (save_dir, savescope, temperature, seed, batch_size, nsamples), ranks)
@@ -243,26 +188,24 @@ def export_hf(args: list[str]) -> None:
 
 def label_command(args: list[str]) -> None:
     if args and args[0] == "serve":
-        from lm_human_preferences.labeling import app  # app imports this module: import it on use
-
-        return app.serve_command(args[1:])
+        return serve.serve_command(args[1:])
     if not args or "--help" in args or "-h" in args:
         print(LABEL_HELP)
         return
     if args[0].startswith("--"):
         raise UserError("usage: label.py EXPERIMENT --out FILE [--flags] (see --help)")
     hp = experiments.get("train_reward", args[0])
-    flags = parse_flags(args[1:], booleans=set())
+    flags = options.parse(args[1:], booleans=set())
     if "out" not in flags:
         raise UserError("label needs --out FILE")
     out = Path(flags.pop("out"))
-    n = _parse_int(flags, "n", 1000, minimum=1)
-    seed = _parse_int(flags, "seed", 0)
+    n = options.pop_int(flags, "n", 1000, minimum=1)
+    seed = options.pop_int(flags, "seed", 0)
     source = hp.labels.source if hp.labels.source.startswith(mock_labelers.MOCK_PREFIX) else None
     labeler = flags.pop("labeler", None) or (mock_labelers.parse_source(source)[0] if source else None)
     if labeler is None:
         raise UserError(f"experiment {args[0]!r} has no mock labeler; choose one with --labeler")
-    noise = _parse_float(flags, "noise", 0.0, positive=False)
+    noise = options.pop_float(flags, "noise", 0.0, positive=False)
     policy_name = flags.pop("policy", None) or hp.task.policy.initial_model
     for key, value in flags.items():
         if not key.startswith("task."):

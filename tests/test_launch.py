@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_human_preferences import cli, experiments, train_policy
+from lm_human_preferences import cli, experiments
 from lm_human_preferences.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def quick_start_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Quick start"):readme.index("## Usage")]
+    start = readme.index("## Quick start")
+    section = readme[start:readme.index("\n## ", start + 1)]
     return re.findall(r"```\n(.+?)\n```", section)
 
 

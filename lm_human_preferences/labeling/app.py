@@ -1,7 +1,6 @@
 """The labeling app: a local web page where people answer a `LabelQueue`'s questions.
 
-`label.py serve EXPERIMENT --out FILE` samples the questions (or reads prepared ones), serves
-the page and prints progress until Ctrl-C. The page talks to a small JSON API:
+`label.py serve` (lm_human_preferences/serve.py) fills the queue and runs this server. The page talks to a small JSON API:
 
     GET  /api/state      {question, progress, agreement, can_undo, ...} for this browser session
     POST /api/label      {"id": question id, "label": response index 0..N-1, or rating 1..7}
@@ -30,39 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from lm_human_preferences import cli, experiments
-from lm_human_preferences.labeling import label_types, mock_labelers, questions
+from lm_human_preferences.labeling import label_types, mock_labelers
 from lm_human_preferences.labeling.queue import BadAnswer, Conflict, LabelQueue
-from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
-from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
-
-SERVE_HELP = """\
-usage: label.py serve EXPERIMENT --out FILE [--n N] [--type best_of_4|scalar_rating] [--policy MODEL]
-                      [--questions FILE] [--port P] [--host H --token T] [--overlap F] [--seed S]
-                      [--instructions TEXT] [--<task.hparam> VALUE ...]
-
-Serve a web page on which people label the policy's samples. The train_reward EXPERIMENT
-gives the task and the label type. Labels go to FILE in the released schema as soon as they
-are given; FILE.questions.json keeps the questions and FILE.journal.jsonl every answer, so a
-restart with the same --out goes on where it stopped. Ctrl-C stops.
-
-options:
-  --out FILE          the label file to write
-  --n N               questions to sample (default 100); ignored when FILE.questions.json exists
-  --type T            best_of_N (pick the best of N responses) or scalar_rating (rate one response
-                      1..7) (default: the experiment's labels.type)
-  --policy MODEL      the policy that answers (default: task.policy.initial_model)
-  --questions FILE    prepared questions (a questions file) instead of sampling
-  --port P            port (default 8000; 0 picks a free one)
-  --host H            address to bind (default 127.0.0.1); any other needs --token
-  --token T           a secret every request must carry: open the printed URL with ?token=T
-  --overlap F         share of questions given to two labelers, for their agreement (default 0);
-                      FILE gets the first label, FILE.overlap.json the second
-  --seed S            random seed of the samples and of the overlapped questions (default 0)
-  --instructions TEXT the task shown to labelers (default: from the experiment)
-"""
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -331,115 +300,3 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 # -- the command
-
-def progress_line(queue: LabelQueue) -> str:
-    p, a = queue.progress(), queue.agreement()
-    line = f"labelled {p['labelled']}/{p['questions']} questions, skipped {p['skipped']}"
-    if p["overlapped"]:
-        line += f"; agreement {agreement_text(a)}"
-    return line
-
-
-def agreement_text(a: dict) -> str:
-    if not a["doubly_labelled"]:
-        return "none yet (no question labelled twice)"
-    text = f"{a['rate']:.2f} ({a['agreed']}/{a['doubly_labelled']} {a['rule']}"
-    if "within_one_rate" in a:
-        text += f"; within one point {a['within_one_rate']:.2f}"
-    return text + ")"
-
-
-def _parse_number(flags: dict[str, str], key: str, kind: type, default):
-    if key not in flags:
-        return default
-    try:
-        return kind(flags.pop(key))
-    except ValueError:
-        raise UserError(f"--{key} needs {'an integer' if kind is int else 'a number'}") from None
-
-
-def _fill(queue: LabelQueue, hp, given: str | None, policy_name: str | None, n: int, seed: int) -> None:
-    """Give an empty queue its questions: from the file `given`, else sampled from the policy."""
-    n_responses = questions.count_responses(queue.label_type)
-    if queue.items:
-        print(f"{len(queue.items)} questions from {queue.paths['questions.json']}; answers so far from "
-              f"{queue.paths['journal.jsonl']}")
-        items = questions.load(Path(given))[1] if given else None
-        if items is not None and items != queue.items:
-            raise UserError(f"--questions {given} differs from {queue.paths['questions.json']}, which this label "
-                            "file was started with; choose another --out")
-        return
-    if given:
-        type_name, items = questions.load(Path(given))
-        if type_name != queue.label_type.name:
-            raise UserError(f"{given} holds {type_name} questions; serve them with --type {type_name}")
-        questions.check(items, n_responses, hp.task.query_length, hp.task.response_length, given)
-    else:
-        policy_name = policy_name or hp.task.policy.initial_model
-        print(f"sampling {n} queries × {n_responses} responses from {policy_name} …", flush=True)
-        model, encoding_name = trained_models.load_initial(policy_name, device=distributed.device())
-        policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
-        items = questions.prepare(policy, hp.task, n, n_responses, seed, hp.run.chunk_size)
-    queue.add(items)
-
-
-def serve_command(args: list[str]) -> None:
-    if not args or "--help" in args or "-h" in args:
-        print(SERVE_HELP)
-        return
-    if args[0].startswith("--"):
-        raise UserError("usage: label.py serve EXPERIMENT --out FILE [--flags] (see label.py serve --help)")
-    experiment = args[0]
-    hp = experiments.get("train_reward", experiment)
-    flags = cli.parse_flags(args[1:], booleans=set())
-    if "out" not in flags:
-        raise UserError("label.py serve needs --out FILE")
-    out = Path(flags.pop("out"))
-    n = _parse_number(flags, "n", int, 100)
-    seed = _parse_number(flags, "seed", int, 0)
-    port = _parse_number(flags, "port", int, DEFAULT_PORT)
-    overlap = _parse_number(flags, "overlap", float, 0.0)
-    host, token = flags.pop("host", "127.0.0.1"), flags.pop("token", None)
-    label_type = label_types.get(flags.pop("type", hp.labels.type))
-    questions.count_responses(label_type)
-    text = flags.pop("instructions", None) or instructions(experiment, hp.labels.source, label_type)
-    given, policy_name = flags.pop("questions", None), flags.pop("policy", None)
-    check_bind(host, token)
-    for key, value in flags.items():
-        if not key.startswith("task."):
-            raise UserError(f"unknown option --{key} (see label.py serve --help)")
-        hp.override_from_str(key, value)
-    hp.task.validate("task.")
-    if n <= 0:
-        raise UserError("--n must be positive")
-
-    queue = LabelQueue(out, label_type, overlap, seed)
-    try:
-        _fill(queue, hp, given, policy_name, n, seed)
-        server = LabelServer(queue, Page(f"{experiment}: {label_type.name}", text), host, port, token)
-        server.start()
-        print(f"labeling app for {experiment} ({label_type.name}) → {out}\nopen {server.url}\nCtrl-C stops",
-              flush=True)
-        try:
-            _report_progress(queue)
-        except KeyboardInterrupt:
-            pass
-        server.shutdown()
-        server.server_close()
-    finally:
-        queue.close()
-    print(f"\nstopped: {progress_line(queue)}; labels in {out}")
-    if queue.overlap > 0:
-        print(f"agreement of doubly-labelled questions: {agreement_text(queue.agreement())}; second labels in "
-              f"{queue.paths['overlap.json']}")
-
-
-def _report_progress(queue: LabelQueue) -> None:
-    """Print a line whenever the progress changes, until Ctrl-C."""
-    version, last = -1, ""
-    while True:
-        version = queue.wait_for_change(version, timeout=1.0)
-        line = progress_line(queue)
-        if line != last:
-            print(line, flush=True)
-            last = line
