@@ -21,6 +21,7 @@ from lm_human_preferences import lm_tasks, train_policy
 from lm_human_preferences.language import encodings, model as lm
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.run import RunHParams
 from lm_human_preferences.utils import distributed
 
 SIZES = {
@@ -37,7 +38,7 @@ def bench_encoding(n_vocab: int) -> encodings.Encoding:
 
 
 def run(size: str, batch_size: int, updates: int, chunk_size: int | None, query_length: int,
-        response_length: int) -> dict[str, float]:
+        response_length: int, precision: str = "auto") -> dict[str, float]:
     torch.manual_seed(0)
     hparams = SIZES[size]
     encoding = bench_encoding(hparams.n_vocab)
@@ -47,7 +48,7 @@ def run(size: str, batch_size: int, updates: int, chunk_size: int | None, query_
     hp = train_policy.HParams(task=task)
     hp.rewards.trained_model = "random"
     hp.ppo.batch_size, hp.ppo.total_episodes = batch_size, batch_size * updates
-    hp.run.chunk_size = chunk_size
+    hp.run.chunk_size, hp.run.precision = chunk_size, precision
     device = distributed.device()
     policy = Policy(lm.Model(hparams, heads=("value",)).to(device), encoding, task)
     reference = lm.Model(hparams).to(device)
@@ -68,17 +69,18 @@ def main() -> None:
     parser.add_argument("--model", choices=SIZES, default="124M")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--updates", type=int, default=1)
-    parser.add_argument("--chunk_size", type=int, default=64, help="0 means no chunking")
+    parser.add_argument("--chunk_size", type=int, default=RunHParams().chunk_size, help="0 means no chunking")
+    parser.add_argument("--precision", choices=distributed.PRECISIONS, default="auto")
     parser.add_argument("--query_length", type=int, default=64)
     parser.add_argument("--response_length", type=int, default=24)
     args = parser.parse_args()
     if args.model == "test":
         args.query_length, args.response_length = min(args.query_length, 3), min(args.response_length, 5)
     result = run(args.model, args.batch_size, args.updates, args.chunk_size or None, args.query_length,
-                 args.response_length)
+                 args.response_length, args.precision)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
     print(f"model {args.model}  batch {args.batch_size}  tokens {args.query_length}+{args.response_length}  "
-          f"chunk {args.chunk_size or 'none'}  device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+          f"chunk {args.chunk_size or 'none'}  precision {args.precision}  device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"episodes/s {result['episodes_per_s']:.2f}  s/update {result['s_per_update']:.2f}  "
           f"peak RSS {peak_gib:.2f} GiB  final kl {result['kl']:.4f}")
     sys.stdout.flush()

@@ -71,7 +71,10 @@ class Policy:
         with distributed.autocast(self.device, self.compute_dtype):
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1),
                              shared_prefix=context.shape[1] if self.share_queries else 0)
-        logp = F.log_softmax(out.logits.float() / self.temperature, dim=-1)  # float32, computed once
+        logits = out.logits.float()
+        if self.temperature != 1.0:  # x / 1.0 == x: skip a copy of the largest tensor here
+            logits = logits / self.temperature
+        logp = F.log_softmax(logits, dim=-1)  # float32, computed once
         result = dict(logprobs=logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropies=None,
                       values=out.heads.get("value"))
         if entropies:

@@ -245,7 +245,7 @@ class PPOTrainer:
         self.params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = TFAdam(self.params, lr=hp.ppo.lr, eps=1e-5)
         policy.configure(hp.run)  # run.precision / run.share_queries; the frozen models are cast once
-        ref_policy.configure(hp.run, frozen=True)
+        ref_policy.configure(hp.run, frozen=ref_policy.model is not policy.model)
         if isinstance(reward_fn, rewards.RewardModel):
             reward_fn.configure(hp.run, frozen=True)
         self.query_batches = 0  # drawn so far: a resumed run skips as many

@@ -1,0 +1,157 @@
+"""What the speed benchmarks share: models with random weights, PPO trainers with the speed
+options on or off, the optimizer as it was before the fused one, timers and a table printer.
+
+Every benchmark alternates its variants (A B A B …) after one warm-up round of each and reports
+medians, so a machine shared with other jobs slows every variant alike and the ratios hold.
+"""
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lm_human_preferences import lm_tasks, train_policy  # noqa: E402
+from lm_human_preferences.language import encodings, model as lm  # noqa: E402
+from lm_human_preferences.policy import Policy  # noqa: E402
+from lm_human_preferences.rewards import RewardModel  # noqa: E402
+from lm_human_preferences.utils import distributed  # noqa: E402
+
+SIZES = {
+    "124M": lm.HParams(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "test": lm.HParams(n_vocab=27, n_ctx=16, n_embd=8, n_head=2, n_layer=2),
+}
+
+
+def add_size_args(parser, query_length: int = 64, response_length: int = 24) -> None:
+    parser.add_argument("--model", choices=SIZES, default="124M",
+                        help="124M: GPT-2 small with random weights; test: tiny, to check that the script runs")
+    parser.add_argument("--query_length", type=int, default=query_length)
+    parser.add_argument("--response_length", type=int, default=response_length)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def prepare(args) -> None:
+    """Apply --threads; shrink the lengths for the tiny model."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "test":
+        args.query_length, args.response_length = min(args.query_length, 6), min(args.response_length, 5)
+
+
+def device() -> torch.device:
+    return distributed.device()
+
+
+def describe(args) -> str:
+    dev = device()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, " \
+        f"native bf16: {distributed.cpu_has_native_bf16()})"
+    return f"model {args.model}, tokens {args.query_length}+{args.response_length}, device {name}, torch {torch.__version__}"
+
+
+def bench_encoding(n_vocab: int) -> encodings.Encoding:
+    """Letters as token ids 0..26 inside a vocabulary of n_vocab, padding just outside it."""
+    letters = encodings.get("test")
+    return encodings.Encoding(name="bench", n_vocab=n_vocab, eot_token=n_vocab - 1, padding_token=n_vocab + 2,
+                              _encode=letters.encode, _decode=lambda ids: letters.decode([i % 27 for i in ids]))
+
+
+def task_hparams(size: str, query_length: int, response_length: int) -> lm_tasks.TaskHParams:
+    task = lm_tasks.TaskHParams(query_length=query_length, query_dataset="test", response_length=response_length,
+                                start_text=None)
+    task.policy.initial_model = size
+    return task
+
+
+class LegacyTFAdam(torch.optim.Optimizer):
+    """The TF-convention Adam as it was before the fused one (a Python loop over parameters):
+    the baseline of the optimizer phase with the optimisations off."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-5):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                lr_t = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                p.add_(state["m"] / (state["v"].sqrt() + group["eps"]), alpha=-lr_t)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr
+
+
+def make_trainer(size: str, batch_size: int, query_length: int, response_length: int, *, precision: str = "auto",
+                 share_queries: bool = True, legacy_adam: bool = False, chunk_size: int | None = 64,
+                 noptepochs: int = 4) -> train_policy.PPOTrainer:
+    """A PPO trainer on a random-weight policy, reference (= the initial policy) and reward model."""
+    torch.manual_seed(0)
+    hparams = SIZES[size]
+    encoding = bench_encoding(hparams.n_vocab)
+    task = task_hparams(size, query_length, response_length)
+    hp = train_policy.HParams(task=task)
+    hp.rewards.trained_model = "random"
+    hp.ppo.batch_size, hp.ppo.total_episodes, hp.ppo.noptepochs = batch_size, batch_size * 10 ** 6, noptepochs
+    hp.run.chunk_size, hp.run.precision, hp.run.share_queries = chunk_size, precision, share_queries
+    dev = device()
+    policy = Policy(lm.Model(hparams, heads=("value",)).to(dev), encoding, task)
+    reference = lm.Model(hparams).to(dev)
+    reference.load_state_dict(policy.model.state_dict(), strict=False)  # the policy starts as the reference
+    ref_policy = Policy(reference.eval().requires_grad_(False), encoding, task)
+    reward_model = RewardModel(lm.Model(hparams, heads=("reward",)), encoding).to(dev).eval().requires_grad_(False)
+    trainer = train_policy.PPOTrainer(policy, ref_policy, reward_model, hp, seed=0)
+    if legacy_adam:
+        trainer.optimizer = LegacyTFAdam(trainer.params, lr=hp.ppo.lr, eps=1e-5)
+    return trainer
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[float, object]:
+    sync()
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    sync()
+    return time.perf_counter() - started, result
+
+
+def alternate(variants: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, dict[str, float]]:
+    """Run each variant (a function returning named seconds) once to warm up, then `repeats`
+    rounds A B A B …; the median of each name per variant."""
+    for run in variants.values():
+        run()
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            for key, value in run().items():
+                samples[name].setdefault(key, []).append(value)
+    return {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
