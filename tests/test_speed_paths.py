@@ -215,8 +215,8 @@ def test_autocast_scope_is_one_forward_call():
     first["logprobs"].sum().backward()
     optimizer.step()
     second = policy.analyze_responses(QUERIES, SAMPLED[:3])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh context: the new weights
-        logits = policy.model(torch.cat([QUERIES, SAMPLED[:3]], 1), PAD).logits[:, 3:-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh context: the new weights (with grad, as training)
+        logits = policy.model(torch.cat([QUERIES, SAMPLED[:3]], 1), PAD).logits[:, 3:-1].detach()
     expected = torch.log_softmax(logits.float(), -1).gather(-1, SAMPLED[:3, :, None]).squeeze(-1)
     assert not torch.equal(second["logprobs"], first["logprobs"])
     torch.testing.assert_close(second["logprobs"].detach(), expected, atol=0, rtol=0)
