@@ -7,6 +7,9 @@ model then trains on like any label file. After PPO the labeler judges the resul
 score of the initial and of the trained policy's responses to the same test queries, and the
 win rate — the share of those queries on which it prefers the trained policy's response (ties
 count half), the way the paper reported its results.
+
+An online run (`--rewards.online on`) collects no labels up front: its label rounds ask the
+same mock labeler about the current policy's samples (online.py); the verdict is the same.
 """
 
 import json
@@ -55,12 +58,16 @@ def collect_mock_labels(reward_hp: train_reward.HParams, labeler_name: str, nois
 
 def resolve_mock_labels(hp, hparams_file: str) -> tuple[str, int]:
     """Point the reward model's labels.source at `<save_dir>/labels.json`, claim the save folder,
-    fix the seed, and collect the labels there (rank 0) unless a resumed run has them already.
+    fix the seed, and collect the labels there (rank 0) unless a resumed run has them already
+    (an online run only claims the folder and fixes the seed).
 
     Returns (the labeler's name, the seed).
     """
     reward_hp = reward_hparams(hp)
     labeler_name, noise = mock_labelers.parse_source(reward_hp.labels.source)
+    if isinstance(hp, train_policy.HParams) and hp.rewards.online is not None:  # its rounds label as they go
+        run.prepare_save_dir(hp, hparams_file)
+        return labeler_name, run.resolve_seed(hp)
     path = Path(hp.run.save_dir) / "labels.json" if hp.run.save_dir else None
     if path is not None:
         reward_hp.labels.source = str(path)  # before the save folder compares hparams with a run it holds

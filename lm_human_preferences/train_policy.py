@@ -11,9 +11,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import lm_tasks, resume, rewards, stopping, train_reward
+from lm_human_preferences import lm_tasks, online, resume, rewards, stopping, train_reward
 from lm_human_preferences.labeling import collect
 from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.online import OnlineHParams
 from lm_human_preferences.policy import Policy
 from lm_human_preferences.run import RunHParams, rank_generator, save_hparams, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
@@ -45,6 +46,7 @@ class RewardHParams(hyperparams.HParams):
     adaptive_kl: Optional[AdaptiveKLParams] = None
     trained_model: Optional[str] = None
     train_new_model: Optional[train_reward.HParams] = None
+    online: Optional[OnlineHParams] = None  # collect labels while the policy trains (online.py)
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
@@ -112,6 +114,8 @@ class HParams(hyperparams.HParams):
         if ppo.whiten_rewards and minibatch < 8:
             raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
                             "(raise ppo.batch_size, lower ppo.nminibatches or ranks, or set ppo.whiten_rewards off)")
+        if self.rewards.online is not None:
+            online.check(self)
 
     @property
     def total_updates(self) -> int:
@@ -420,10 +424,11 @@ def elapsed_stats(hp: HParams, update: int, step_time: float, started: float) ->
     }
 
 
-def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encoding_name: str) -> None:
-    """The PPO updates from `trainer.update` on, with logging and checkpoints (model and resume
-    state every run.save_interval updates). SIGINT or SIGTERM stops the run after the current
-    update, with a checkpoint to resume from."""
+def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encoding_name: str,
+                until: int | None = None) -> None:
+    """The PPO updates from `trainer.update` on, up to update `until` (default: all), with logging
+    and checkpoints (model and resume state every run.save_interval updates, and at `until`).
+    SIGINT or SIGTERM stops the run after the current update, with a checkpoint to resume from."""
     scalar_log = logging.ScalarLog(save_dir / "tb" / "ppo" if save_dir else None)
 
     def checkpoint(finished: bool = False) -> None:
@@ -434,7 +439,8 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encodin
     try:
         with logging.progress(hp.total_updates, "ppo", "update") as bar, stopping.graceful() as stop:
             bar.update(trainer.update)
-            while trainer.update < hp.total_updates:
+            end = hp.total_updates if until is None else until
+            while trainer.update < end:
                 update = trainer.update
                 step_started = time.time()
                 stats, rollouts = trainer.step(update)
@@ -444,7 +450,7 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encodin
                 log_update(hp, update, stats, rollouts, trainer.policy.encoding, scalar_log, bar)
                 stop_now = stop.requested()
                 if save_dir is not None and trainer.update < hp.total_updates and (
-                        stop_now or trainer.update % hp.run.save_interval == 0):
+                        stop_now or trainer.update % hp.run.save_interval == 0 or trainer.update == end):
                     checkpoint()
                 if stop_now:
                     stop.exit(f"after PPO update {trainer.update}" + ("; rerun the same command to resume"
@@ -455,7 +461,7 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encodin
         raise
     finally:
         scalar_log.close()
-    if save_dir is not None:
+    if save_dir is not None and trainer.update == hp.total_updates:
         checkpoint(finished=True)
 
 
@@ -474,7 +480,10 @@ def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]
     Returns the policy and a summary: the first and last update's stats, every update's stats
     ("history") and, when a reward model was trained first, its summary ("reward_model"). With
     a save folder, a run resumes from its last checkpoint when run again with the same hparams.
+    With rewards.online, labels are collected while the policy trains (online.py).
     """
+    if hp.rewards.online is not None:
+        return online.train(hp)
     device, seed, save_dir = start_run(hp, HPARAMS_FILE)
     state = resume.unfinished_state(save_dir, PHASE, "a policy run")
     policy, ref_policy, encoding_name = load_policies(hp, device)

@@ -1,0 +1,503 @@
+"""Online training, as the paper's online mode: labels are collected while the policy trains.
+
+`--rewards.online on` (with `rewards.train_new_model`) makes `train_policy` run in rounds.
+Round 0, before PPO, labels questions sampled from the initial policy and trains the reward
+model on them, as an offline run does. Every `interval` PPO episodes after that, a round
+samples new questions from the CURRENT policy, has them labelled, trains the reward model
+further and renormalizes it; PPO then goes on against it.
+
+Schedule. The label budget B is the reward model's `labels.num_train`, the number an offline
+run trains on, so the two modes compare at an equal budget. Rounds k = 1..R come before the
+PPO updates at episodes k·K (K = `interval`; every k·K before the run's last episode), and
+the training labels collected once round k is done are
+
+    L_k = B · (f + (1 − f) · √(k / R)),    f = `initial_share`,
+
+rounded to whole reward-model batches (L_R = B; a round that would add none is left out).
+So round 0 collects f·B labels and round k ≥ 1 about B·(1 − f)·(√k − √(k−1))/√R: front-loaded,
+at a rate decaying like 1/√k. As in the offline demo, every round also collects a quarter as
+many held-out labels, which are never trained on.
+
+Reward model. Round 0 trains it as an offline run does (normalize before, `epochs` passes at
+its lr, normalize after). Round k ≥ 1 makes `online.epochs` passes over the round's new
+labels (with `online.all_labels`: over every label so far), the learning rate (`online.lr`,
+default the reward model's) falling linearly to 0 over the round; Adam's moments carry over
+from round to round. Then the reward model is normalized as the original does after
+training — gain and bias reset, rewards measured on fresh samples, gain and bias set so they
+are N(0, 1) — on samples of the current policy: the original normalized on samples of the
+policy that PPO was about to start from; online, that is the current policy, not the
+initial one. A round's summary gives the previous reward model's accuracy on the round's
+new held-out labels (how far it had fallen behind the policy) and the new one's on all
+held-out labels so far.
+
+Labelers (`labels.source`): `mock:<labeler>[:<noise>]`, the mock labelers of the offline demo
+(ties skipped, as there); or `app[:<port>]`, people, through the labeling app that rank 0
+serves on 127.0.0.1:<port> (default 8000; 0 picks a free one) while the run lasts. A round
+then waits, printing progress, until people have answered its questions.
+
+Files in the save folder: `labels.json` (every training label so far, in the released schema,
+growing round by round), `heldout_labels.json`, `online_summary.json` (one entry per round),
+`reward_model/` (a checkpoint per round, named by the round), `app/labels.json*` (the app's
+questions and journal of answers). The reward model's resume state (`resume/reward_model`,
+saved after every round, named by the round) carries the schedule position: rounds done,
+labels kept, queries drawn, app questions taken; PPO's (`resume/policy`) has a checkpoint at
+every round's update. Rerun with the same command, a stopped or killed run goes on from its
+last finished round and its last PPO checkpoint: a round cut short is done again, except
+that questions already given to people are kept (their answers are in the app's journal)
+and not asked again. SIGINT or SIGTERM stop after the current round, or at once while the
+run waits for people.
+"""
+
+import contextlib
+import copy
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lm_human_preferences import lm_tasks, resume, stopping, train_reward
+from lm_human_preferences.labeling import app, collect, label_files, label_types, mock_labelers, questions
+from lm_human_preferences.labeling import queue as label_queue
+from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.run import save_hparams, start_run
+from lm_human_preferences.utils import distributed, hyperparams, logging, storage
+from lm_human_preferences.utils.errors import Stopped, UserError
+
+HELD_OUT_SHARE = 4  # as the offline demo: a quarter more labels each round, held out
+ROUND_SEED_STRIDE = 7919  # round k samples and labels with seed + k · stride
+APP_SOURCE = "app"
+LABELS_FILE, HELDOUT_FILE, SUMMARY_FILE = "labels.json", "heldout_labels.json", "online_summary.json"
+MAX_ASKED = 20  # questions asked per label wanted before giving up on a labeler that skips them all
+
+
+@dataclass
+class OnlineHParams(hyperparams.HParams):
+    initial_share: float = 0.5  # f: the share of the label budget labelled before PPO
+    interval: Optional[int] = None  # K: PPO episodes between rounds; None: a fifth of the run (whole PPO batches)
+    epochs: int = 1  # reward-model passes per round after the first
+    all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
+    lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
+
+    def validate(self, _prefix: str = "") -> None:
+        super().validate(_prefix)
+        if not 0 < self.initial_share <= 1:
+            raise UserError(f"{_prefix}initial_share must be in (0, 1], got {self.initial_share}")
+        if self.interval is not None and self.interval <= 0:
+            raise UserError(f"{_prefix}interval must be a positive number of episodes, got {self.interval}")
+        if self.epochs <= 0:
+            raise UserError(f"{_prefix}epochs must be positive, got {self.epochs}")
+        if self.lr is not None and not 0 <= self.lr < float("inf"):
+            raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Round:
+    index: int
+    update: int  # the PPO update it comes before
+    labels: int  # training labels once it is done
+
+
+def interval(hp) -> int:
+    """K, in episodes: `online.interval`, else a fifth of the run in whole PPO batches."""
+    given = hp.rewards.online.interval
+    return given if given is not None else hp.ppo.batch_size * max(1, hp.total_updates // 5)
+
+
+def schedule(hp) -> list[Round]:
+    """The label rounds of a train_policy run (see the module doc)."""
+    online, reward_hp = hp.rewards.online, hp.rewards.train_new_model
+    budget, batch = reward_hp.labels.num_train, reward_hp.batch_size
+    starts = range(0, hp.total_updates * hp.ppo.batch_size, interval(hp))
+    last = len(starts) - 1
+    rounds: list[Round] = []
+    for k, episode in enumerate(starts):
+        share = 1.0 if k == last else online.initial_share + (1 - online.initial_share) * math.sqrt(k / last)
+        labels = min(budget, batch * max(1, int(budget * share / batch + 0.5)))
+        if not rounds or labels > rounds[-1].labels:
+            rounds.append(Round(len(rounds), episode // hp.ppo.batch_size, labels))
+    return rounds
+
+
+def app_port(source: str) -> int | None:
+    """The port of an `app[:<port>]` label source; None for other sources."""
+    name, _, port = source.partition(":")
+    if name != APP_SOURCE:
+        return None
+    if not port:
+        return app.DEFAULT_PORT
+    if not port.isdigit() or int(port) > 65535:
+        raise UserError(f"labels.source {source}: write app or app:<port>, a port 0..65535 (0: any free one)")
+    return int(port)
+
+
+def check(hp) -> None:
+    """What an online train_policy run needs beyond each group's own checks."""
+    reward_hp = hp.rewards.train_new_model
+    if reward_hp is None:
+        raise UserError("rewards.online trains the reward model while the policy trains: set "
+                        "rewards.train_new_model, not rewards.trained_model")
+    if interval(hp) % hp.ppo.batch_size:
+        raise UserError(f"rewards.online.interval={interval(hp)} must be a whole number of PPO batches "
+                        f"(ppo.batch_size={hp.ppo.batch_size})")
+    source = reward_hp.labels.source
+    if source.startswith(mock_labelers.MOCK_PREFIX):
+        mock_labelers.parse_source(source)
+        collect.count_responses(reward_hp.labels.type)
+    elif app_port(source) is not None:
+        questions.count_responses(label_types.get(reward_hp.labels.type))
+    else:
+        raise UserError(f"rewards.online collects its own labels: rewards.train_new_model.labels.source must be "
+                        f"mock:<labeler>[:<noise>] or app[:<port>] (people, through the labeling app), not {source!r}")
+
+
+def round_seed(seed: int, index: int) -> int:
+    """The seed of round `index`'s samples and mock labels (round 0: the run's seed, as the offline demo)."""
+    return seed + index * ROUND_SEED_STRIDE
+
+
+# -- labels
+
+
+class LabelQueries:
+    """The train queries label rounds ask about: one stream for the whole run; a resumed run skips those drawn."""
+
+    def __init__(self, task: lm_tasks.TaskHParams, encoding: encodings.Encoding, device: torch.device, drawn: int):
+        self.stream = lm_tasks.query_batches(task, encoding, 1, device=device)
+        for _ in range(drawn):
+            next(self.stream)
+        self.drawn = drawn
+
+    def take(self, n: int) -> torch.Tensor:
+        self.drawn += n
+        return torch.cat([next(self.stream) for _ in range(n)])
+
+
+class Heartbeat:
+    """Rank 0 labels while the other ranks wait in a collective every poll, so a wait for people
+    (hours, maybe) never runs into a collective's timeout; a stop request ends the wait on every rank."""
+
+    def __init__(self, stop, where: str):
+        self.stop, self.where = stop, where
+
+    def beat(self) -> None:
+        """Rank 0, while it waits."""
+        signum = self.stop.signum
+        distributed.broadcast_object(("stop", signum) if signum else ("wait", None))
+        if signum:
+            self._exit(signum)
+
+    def result(self, make: Callable):
+        """`make()` on rank 0 (calling `beat` while it waits), its result on every rank."""
+        if distributed.is_main():
+            return distributed.broadcast_object(("done", make()))[1]
+        while True:
+            kind, value = distributed.broadcast_object(None)
+            if kind == "done":
+                return value
+            if kind == "stop":
+                self._exit(value)
+
+    def _exit(self, signum: int) -> None:
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name} {self.where}; "
+                              "rerun the same command to resume")
+
+
+class PeopleLabeler:
+    """collect's `Labeler` protocol, answered by people through the labeling app's queue.
+
+    Unlike `queue.HumanLabeler`, questions the queue holds beyond `taken` (given to people
+    before a restart; the round that asked them did not finish) are not queued again when
+    they are asked again, and the wait beats `heartbeat` every poll.
+    """
+
+    def __init__(self, queue: label_queue.LabelQueue, padding_token: int, taken: int, url: str, poll_s: float = 1.0):
+        self.queue, self.padding_token, self.taken, self.url, self.poll_s = queue, padding_token, taken, url, poll_s
+        self.heartbeat: Heartbeat | None = None
+
+    def pending(self) -> list[collect.Question]:
+        return [item.question for item in self.queue.items[self.taken:]]
+
+    def answer(self, qs: list[collect.Question]) -> list[int | None]:
+        items = [questions.item(q, self.padding_token) for q in qs]
+        end = self.taken + len(items)
+        ids = list(range(self.taken, end)) if self.queue.items[self.taken:end] == items else self.queue.add(items)
+        self.taken = ids[-1] + 1
+        version, reported = -1, -1
+        while (done := self.queue.complete_count(ids)) < len(ids):
+            if done != reported:
+                logging.print_main(f"waiting for people: {done}/{len(ids)} questions answered at {self.url}")
+                reported = done
+            version = self.queue.wait_for_change(version, self.poll_s)
+            self.heartbeat.beat()
+        return self.queue.deliver(ids)
+
+
+def collect_round(policy: Policy, task: lm_tasks.TaskHParams, label_type: label_types.LabelType, labeler,
+                  queries: LabelQueries, seed: int, need: int, carried: list[collect.Question], min_ask: int,
+                  chunk_size: int | None) -> tuple[list[dict], int]:
+    """`need` records on the policy's answers to fresh queries (the `carried` questions first).
+    Every ask is for as many questions as records are missing, and at least `min_ask` (a mock
+    labeler answers a whole sampling batch at no cost; people should not answer questions whose
+    labels would be dropped). Returns the records and the number of questions asked."""
+    generator = torch.Generator(policy.device).manual_seed(seed)
+    n_responses = len(label_type.response_keys)
+    records: list[dict] = []
+    asked, batch = 0, carried
+    while len(records) < need:
+        if not batch:
+            if asked >= MAX_ASKED * need:
+                raise UserError(f"the labeler skipped all but {len(records)} of {asked} questions; it cannot tell "
+                                "this policy's samples apart")
+            batch = collect.ask(policy, task, queries.take(max(min_ask, need - len(records))), n_responses, generator,
+                                chunk_size)
+        asked += len(batch)
+        for question, label in zip(batch, labeler.answer(batch)):
+            if label is not None and len(records) < need:
+                records.append(label_queue.record(label_type, question, label))
+        batch = []
+    return records, asked
+
+
+def as_labels(records: list[dict], label_type: label_types.LabelType, task: lm_tasks.TaskHParams) -> label_files.Labels:
+    """Label records (the released schema) as the columns a reward model trains on."""
+    schemas = label_type.question_schemas(task.query_length, task.response_length)
+    columns = {key: np.asarray([r[key] for r in records], dtype=np.int32).reshape(len(records), *schema.shape)
+               for key, schema in schemas.items()}
+    columns[label_type.label_key] = np.asarray([r[label_type.label_key] for r in records], dtype=label_type.label_dtype)
+    return label_files.Labels(columns)
+
+
+# -- the run
+
+
+@dataclass
+class Progress:
+    """Where the schedule stands: what the reward model's resume state carries."""
+
+    train: list[dict]  # training label records so far
+    heldout: list[dict]  # held-out label records so far
+    rounds: list[dict]  # the summaries of the finished rounds
+    queries: int = 0  # label queries drawn
+    taken: int = 0  # questions of the app's queue that finished rounds took
+
+    def meta(self) -> dict:
+        return dict(train=len(self.train), heldout=len(self.heldout), rounds=self.rounds, queries=self.queries,
+                    taken=self.taken)
+
+    @staticmethod
+    def load(meta: dict, save_dir: Path) -> "Progress":
+        def records(name: str, count: int) -> list[dict]:
+            path = save_dir / name
+            found = json.loads(path.read_text()) if path.exists() else []
+            if len(found) < count:
+                raise UserError(f"{path} holds {len(found)} labels, the resume state {count}; rerun with "
+                                "--run.overwrite on to start over")
+            return found[:count]  # labels of a round cut short after they were written are dropped
+
+        return Progress(records(LABELS_FILE, meta["train"]), records(HELDOUT_FILE, meta["heldout"]), meta["rounds"],
+                        meta["queries"], meta["taken"])
+
+
+def new_reward_model(task: lm_tasks.TaskHParams, device: torch.device) -> RewardModel:
+    model, encoding_name = trained_models.load_initial(task.policy.initial_model, heads=("reward",), device=device)
+    reward_model = RewardModel(model, encodings.get(encoding_name))
+    distributed.broadcast_module(reward_model)
+    return reward_model
+
+
+def round_hparams(reward_hp: train_reward.HParams, online: OnlineHParams, index: int,
+                  train_labels: int) -> train_reward.HParams:
+    """The reward model's hparams for one round's training on `train_labels` labels."""
+    hp = copy.deepcopy(reward_hp)
+    hp.labels.num_train = train_labels
+    hp.normalize_before = reward_hp.normalize_before and index == 0
+    if index > 0:
+        hp.epochs = online.epochs
+        hp.lr = reward_hp.lr if online.lr is None else online.lr
+    return hp
+
+
+def snapshot(policy: Policy, hp) -> Policy:
+    """A frozen copy of the policy as it is now, to sample from for the reward model's normalization."""
+    copied = Policy(copy.deepcopy(policy.model), policy.encoding, hp.task)
+    return copied.configure(hp.run, frozen=True)
+
+
+class OnlineRun:
+    """The reward model's side of an online run: label rounds, its training, its state."""
+
+    def __init__(self, hp, trainer: train_reward.RewardModelTrainer, progress: Progress, save_dir: Path | None,
+                 encoding_name: str, seed: int, people: PeopleLabeler | None):
+        self.hp, self.trainer, self.progress, self.save_dir = hp, trainer, progress, save_dir
+        self.reward_hp = hp.rewards.train_new_model
+        self.label_type = label_types.get(self.reward_hp.labels.type)
+        self.encoding_name, self.seed, self.people = encoding_name, seed, people
+        self.queries = LabelQueries(hp.task, trainer.reward_model.encoding, trainer.reward_model.device,
+                                    progress.queries)
+        self.scalar_log = logging.ScalarLog(save_dir / "tb" / "online" if save_dir else None)
+
+    def labels(self, policy: Policy, rnd: Round, heartbeat: Heartbeat) -> tuple[list[dict], list[dict], int]:
+        """The round's new training and held-out records, labelled on rank 0, on every rank."""
+        new = rnd.labels - len(self.progress.train)
+        need = new + new // HELD_OUT_SHARE
+
+        def make():
+            whose = "initial" if rnd.update == 0 else "current"
+            logging.print_main(f"label round {rnd.index} (before PPO update {rnd.update}): {need} labels "
+                               f"({new} to train on) on the {whose} policy's samples")
+            chunk_size = self.hp.run.chunk_size
+            people, labeler, carried, min_ask = self.people, self.people, [], 1
+            if people is not None:
+                people.heartbeat, carried = heartbeat, people.pending()
+            else:
+                name, noise = mock_labelers.parse_source(self.reward_hp.labels.source)
+                labeler = collect.MockLabeler(name, noise, round_seed(self.seed, rnd.index))
+                min_ask = max(1, (chunk_size or 512) // len(self.label_type.response_keys))
+            with torch.no_grad():
+                records, asked = collect_round(policy, self.hp.task, self.label_type, labeler, self.queries,
+                                               round_seed(self.seed, rnd.index), need, carried, min_ask, chunk_size)
+            return records, asked, self.queries.drawn, people.taken if people else self.progress.taken
+
+        records, asked, self.progress.queries, self.progress.taken = heartbeat.result(make)
+        return records[:new], records[new:], asked
+
+    def run_round(self, policy: Policy, rnd: Round, heartbeat: Heartbeat) -> dict:
+        started = time.time()
+        first_query = self.progress.queries
+        train_new, heldout_new, asked = self.labels(policy, rnd, heartbeat)
+        trainer, progress = self.trainer, self.progress
+        summary: dict = dict(round=rnd.index, update=rnd.update, episodes=rnd.update * self.hp.ppo.batch_size,
+                             first_query=first_query, questions=asked, new_labels=len(train_new),
+                             labels=rnd.labels, policy_checkpoint=None)
+        if rnd.update > 0:
+            summary["policy_checkpoint"] = trained_models.checkpoint_name(rnd.update)
+        if rnd.update > 0 and heldout_new:
+            summary["previous_accuracy"] = trainer.evaluate(as_labels(heldout_new, self.label_type, self.hp.task))
+        progress.train += train_new
+        progress.heldout += heldout_new
+        summary["heldout_labels"] = len(progress.heldout)
+        round_hp = round_hparams(self.reward_hp, self.hp.rewards.online, rnd.index,
+                                 rnd.labels if rnd.index == 0 or self.hp.rewards.online.all_labels else len(train_new))
+        trained = progress.train[-round_hp.labels.num_train:]
+        trainer.hp, trainer.step = round_hp, 0
+        if rnd.update > 0:  # round 0 normalizes on the initial policy's samples, as the offline run
+            trainer.policy = snapshot(policy, self.hp)
+        train_labels = as_labels(trained, self.label_type, self.hp.task)
+        if round_hp.normalize_before:
+            summary["normalize_before"] = trainer.normalize(*train_reward.target_moments(self.label_type, train_labels))
+        scalar_log = logging.ScalarLog(self.save_dir / "tb" / "reward_model" / f"round{rnd.index}"
+                                       if self.save_dir else None)
+        summary["train"] = trainer.train(train_labels, round_seed(self.seed, rnd.index), scalar_log, lambda: None)
+        scalar_log.close()
+        if round_hp.normalize_after:
+            summary["normalize_after"] = trainer.normalize(0.0, 1.0)
+        if progress.heldout:
+            summary["heldout"] = trainer.evaluate(as_labels(progress.heldout, self.label_type, self.hp.task))
+        summary["seconds"] = time.time() - started
+        progress.rounds.append(summary)
+        self.log(summary)
+        self.save(rnd)
+        return summary
+
+    def log(self, summary: dict) -> None:
+        accuracy = summary.get("heldout", {}).get("accuracy")
+        previous = summary.get("previous_accuracy", {}).get("accuracy")
+        scalars = {"online/labels": summary["labels"], "online/questions": summary["questions"]}
+        if accuracy is not None:
+            scalars["online/heldout_accuracy"] = accuracy
+        if previous is not None:
+            scalars["online/previous_accuracy"] = previous
+        self.scalar_log.scalars(scalars, summary["update"])
+        logging.print_main(f"label round {summary['round']} done: {summary['labels']} labels "
+                           f"(+{summary['new_labels']}, {summary['questions']} questions asked), "
+                           + logging.format_stats(scalars))
+
+    def save(self, rnd: Round) -> None:
+        """Labels, the reward model and its state with the schedule position (a collective)."""
+        if self.save_dir is None:
+            return
+        if distributed.is_main():
+            label_files.write(self.progress.train, self.save_dir / LABELS_FILE)
+            label_files.write(self.progress.heldout, self.save_dir / HELDOUT_FILE)
+            storage.atomic_write_text(self.save_dir / SUMMARY_FILE, json.dumps(self.progress.rounds, indent=1))
+        checkpoint = train_reward.save(self.trainer.reward_model, self.encoding_name, self.save_dir, rnd.index)
+        self.trainer.extra["online"] = self.progress.meta()
+        self.trainer.step = rnd.index  # batches count from 0 every round: the saved state is named by the round
+        self.trainer.save_state(resume.folder(self.save_dir, train_reward.PHASE), checkpoint)
+
+
+def start_people(hp, save_dir: Path | None, progress: Progress, padding_token: int,
+                 stack: contextlib.ExitStack) -> PeopleLabeler | None:
+    """For labels from people (`app`), rank 0 serves the labeling app for the run's life (closed by
+    `stack`) and gets a `PeopleLabeler`; None elsewhere (mock labelers: each round makes its own)."""
+    port = app_port(hp.rewards.train_new_model.labels.source)
+    if port is None or not distributed.is_main():
+        return None
+    label_type = label_types.get(hp.rewards.train_new_model.labels.type)
+    queue = label_queue.LabelQueue(save_dir / "app" / LABELS_FILE, label_type, seed=hp.run.seed)
+    stack.callback(queue.close)
+    page = app.Page(f"online labels: {label_type.name}", app.instructions("", hp.rewards.train_new_model.labels.source,
+                                                                             label_type))
+    server = app.LabelServer(queue, page, port=port)
+    server.start()
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+    logging.print_main(f"labeling app: open {server.url} (answers so far: {queue.paths['journal.jsonl']})")
+    return PeopleLabeler(queue, padding_token, progress.taken, server.url)
+
+
+def train(hp) -> tuple[Policy, dict]:
+    """An online train_policy run (see the module doc); returns what `train_policy.train` returns,
+    with the summaries of the rounds under "online" and the last round's under "reward_model"."""
+    from lm_human_preferences import train_policy  # it imports this module for OnlineHParams
+
+    device, seed, save_dir = start_run(hp, train_policy.HPARAMS_FILE)
+    ppo_state = resume.unfinished_state(save_dir, train_policy.PHASE, "a policy run")
+    if save_dir is None and app_port(hp.rewards.train_new_model.labels.source) is not None:
+        raise UserError("labels from people need a save folder (run.save_dir) for the app's questions and journal")
+    reward_state = resume.load_state(resume.folder(save_dir, train_reward.PHASE)) if save_dir else None
+    policy, ref_policy, encoding_name = train_policy.load_policies(hp, device)
+    reward_model = new_reward_model(hp.task, device)
+    progress = Progress([], [], [])
+    if reward_state is not None:
+        reward_model.load_tensors(trained_models.load_file(save_dir / train_reward.PHASE,
+                                                           reward_state.checkpoint).tensors)
+        progress = Progress.load(reward_state.meta["extra"]["online"], save_dir)
+    save_hparams(hp, save_dir, train_policy.HPARAMS_FILE)
+    reward_trainer = train_reward.RewardModelTrainer(reward_model, ref_policy, hp.rewards.train_new_model, seed)
+    # PPO scores with the reward model through a function: given the module itself, it would freeze it
+    ppo = train_policy.PPOTrainer(policy, ref_policy, lambda q, r: reward_model(q, r), hp, seed)
+    if reward_state is not None:
+        reward_trainer.restore(reward_state)
+    if ppo_state is not None:
+        ppo.restore(ppo_state, trained_models.load_file(save_dir / train_policy.PHASE, ppo_state.checkpoint).tensors)
+    logging.print_main(f"online: {len(progress.rounds)} label rounds done, PPO at update {ppo.update} of "
+                       f"{hp.total_updates}")
+    with contextlib.ExitStack() as stack:
+        people = start_people(hp, save_dir, progress, policy.encoding.padding_token, stack)
+        run = OnlineRun(hp, reward_trainer, progress, save_dir, encoding_name, seed, people)
+        stack.callback(run.scalar_log.close)
+        for rnd in schedule(hp)[len(progress.rounds):]:
+            if ppo.update < rnd.update:
+                train_policy.run_updates(ppo, hp, save_dir, encoding_name, until=rnd.update)
+            with stopping.graceful() as stop:
+                run.run_round(policy, rnd, Heartbeat(stop, f"while waiting for label round {rnd.index}"))
+                if stop.requested():
+                    stop.exit(f"after label round {rnd.index}; rerun the same command to resume")
+        train_policy.run_updates(ppo, hp, save_dir, encoding_name)
+    if save_dir is not None and distributed.is_main():
+        samples = train_policy.before_after_samples(policy, ref_policy, hp.task, seed)
+        storage.atomic_write_text(save_dir / "samples.json", json.dumps(samples, indent=1))
+    distributed.barrier()
+    history = ppo.history
+    return policy, {"first": history[0], "last": history[-1], "history": history,
+                    "reward_model": progress.rounds[-1], "online": {"rounds": progress.rounds}}

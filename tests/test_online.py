@@ -1,0 +1,233 @@
+"""Online training: label rounds on the current policy's samples, a reward model trained further
+every round, runs that resume, and people labelling through the app while the run waits."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm_human_preferences import cli, experiments, online
+from lm_human_preferences.labeling import collect, mock_labelers
+from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.policy import Policy
+from lm_human_preferences.utils.errors import UserError
+
+FAULT_RUN = Path(__file__).with_name("fault_run.py")
+SEED = 3
+# mock_descriptiveness shortened: a budget of 96 labels in batches of 16, 6 PPO updates of 16
+# episodes, a round every 2 updates: rounds before updates 0, 2 and 4 with 48, 80 and 96 labels.
+SHORT = ["--rewards.online", "on", "--rewards.train_new_model.labels.num_train", "96",
+         "--rewards.train_new_model.batch_size", "16", "--rewards.train_new_model.normalize_samples", "32",
+         "--rewards.train_new_model.rollout_batch_size", "32", "--ppo.batch_size", "16", "--ppo.total_episodes", "96",
+         "--ppo.lr", "5e-4", "--rewards.online.interval", "32", "--run.log_interval", "100", "--run.seed", str(SEED)]
+
+
+def launch(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("FAULT", None)
+    if fault:
+        env["FAULT"] = fault
+    return subprocess.run([sys.executable, str(FAULT_RUN), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """One online run of the shortened mock_descriptiveness, start to end."""
+    root = tmp_path_factory.mktemp("online")
+    done = launch(["train_policy", "mock_descriptiveness", "straight", "--save_dir", str(root), *SHORT])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "straight"
+
+
+def key(record: dict) -> tuple:
+    return tuple(record["query"]), tuple(tuple(record[f"sample{k}"]) for k in range(4))
+
+
+def policy_at(run_dir: Path, checkpoint: str | None) -> Policy:
+    """The initial policy, or the policy saved at `checkpoint` of the run."""
+    task = experiments.kjv_task()
+    model, encoding_name = trained_models.load_initial(task.policy.initial_model, heads=("value",))
+    if checkpoint is not None:
+        trained_models.load_into(model, trained_models.load_file(run_dir / "policy", checkpoint).tensors, checkpoint)
+    return Policy(model.eval(), encodings.get(encoding_name), task)
+
+
+@torch.no_grad()
+def first_questions(policy: Policy, summary: dict) -> list[dict]:
+    """What a round's first ask was: its queries and the round's seed, answered by `policy`."""
+    new = summary["new_labels"]
+    queries = online.LabelQueries(experiments.kjv_task(), policy.encoding, "cpu", summary["first_query"])
+    generator = torch.Generator().manual_seed(online.round_seed(SEED, summary["round"]))
+    asked = collect.ask(policy, experiments.kjv_task(), queries.take(max(128, new + new // online.HELD_OUT_SHARE)), 4,
+                        generator, 512)
+    return [collect.record(q, 0) for q in asked]
+
+
+def test_schedule_is_front_loaded_and_offline_by_default():
+    for name in experiments.TRAIN_POLICY:
+        assert experiments.get("train_policy", name).rewards.online is None
+    hp = experiments.get("train_policy", "mock_descriptiveness")
+    hp.override_from_str("rewards.online", "on")
+    rounds = online.schedule(hp)
+    assert [r.update for r in rounds] == [0, 20, 40, 60, 80]  # K = a fifth of the 100 updates
+    assert [r.labels for r in rounds] == [1024, 1536, 1760, 1920, 2048]  # 2048 · (½ + ½ √(k/4)), whole batches
+    new = [b.labels - a.labels for a, b in zip(rounds, rounds[1:])]
+    assert new == sorted(new, reverse=True) and all(n % 32 == 0 for n in new)
+    hp.override_from_str("rewards.online.initial_share", "1")
+    assert [(r.update, r.labels) for r in online.schedule(hp)] == [(0, 2048)]  # everything up front: offline
+    hp.override_from_str("rewards.online.initial_share", "0.5")
+    hp.override_from_str("rewards.online.interval", "6400")
+    assert [(r.update, r.labels) for r in online.schedule(hp)] == [(0, 2048)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rewards.online.interval", "100"], "whole number of PPO batches"),
+    (["--rewards.train_new_model.labels.source", "labels.json"], "collects its own labels"),
+    (["--rewards.train_new_model.labels.source", "app:http"], "a port"),
+    (["--rewards.online.initial_share", "0"], "initial_share"),
+])
+def test_online_hparams_are_checked(flags, message, capsys):
+    args = ["train_policy", "mock_descriptiveness", "x", "--rewards.online", "on", *flags, "--dry_run"]
+    assert cli.main("launch", args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_rounds_label_the_current_policy_and_retrain_the_reward_model(straight):
+    rounds = json.loads((straight / online.SUMMARY_FILE).read_text())
+    assert [(r["round"], r["update"], r["labels"]) for r in rounds] == [(0, 0, 48), (1, 2, 80), (2, 4, 96)]
+    train = json.loads((straight / online.LABELS_FILE).read_text())
+    heldout = json.loads((straight / online.HELDOUT_FILE).read_text())
+    assert len(train) == 96 and len(heldout) == 12 + 8 + 4
+    assert set(train[0]) == {"query", "sample0", "sample1", "sample2", "sample3", "best"}
+    initial = policy_at(straight, None)
+    for previous, summary in zip(rounds, rounds[1:]):
+        assert summary["policy_checkpoint"] == trained_models.checkpoint_name(summary["update"])
+        records = train[previous["labels"]:summary["labels"]]
+        current = first_questions(policy_at(straight, summary["policy_checkpoint"]), summary)
+        before = first_questions(initial, summary)
+        current_keys, before_keys = {key(r) for r in current}, {key(r) for r in before}
+        # the round's labels are on the policy's samples at that update, not on the initial policy's
+        assert key(records[0]) in current_keys
+        assert sum(key(r) in current_keys for r in records) > sum(key(r) in before_keys for r in records)
+        assert "accuracy" in summary["previous_accuracy"] and summary["heldout"]["count"] == summary["heldout_labels"]
+    # by the last round the policy's samples differ from the initial policy's on most queries
+    differ = sum(key(a) != key(b) for a, b in zip(current, before)) / len(current)
+    assert differ > 0.3
+    # the reward model was trained every round: its weights changed from round to round
+    checkpoints = straight / "reward_model" / "checkpoints"
+    weights = [load_file(checkpoints / trained_models.checkpoint_name(r["round"])) for r in rounds]
+    for a, b in zip(weights, weights[1:]):
+        assert not torch.equal(a["heads.reward.weight"], b["heads.reward.weight"])
+        assert not torch.equal(a["h.0.attn.c_attn.weight"], b["h.0.attn.c_attn.weight"])
+    assert all(r["train"]["train/loss"] > 0 for r in rounds)
+    mock = json.loads((straight / "mock_summary.json").read_text())  # the demo's verdict ran
+    assert mock["labeler"] == "descriptiveness" and mock["heldout_count"] == 24 and 0 <= mock["win_rate"] <= 1
+
+
+def test_a_killed_run_resumes_exactly(straight):
+    root = straight.parent
+    killed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT],
+                    fault="kill:3:policy")
+    assert killed.returncode != 0
+    state = json.loads((root / "killed" / "resume" / "reward_model" / "state-0000001.json").read_text())
+    assert state["meta"]["extra"]["online"]["train"] == 80  # rounds 0 and 1 were done
+    resumed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "online: 2 label rounds done, PPO at update 2 of 6" in resumed.stdout
+    for name in (online.LABELS_FILE, online.HELDOUT_FILE):
+        assert (straight / name).read_bytes() == (root / "killed" / name).read_bytes()
+    for scope in ("policy", "reward_model"):
+        final = [load_file(d / scope / "checkpoints" / (d / scope / "checkpoints" / "latest").read_text().strip())
+                 for d in (straight, root / "killed")]
+        assert final[0].keys() == final[1].keys()
+        assert all(torch.equal(final[0][k], final[1][k]) for k in final[0]), scope
+
+
+# -- people, through the labeling app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Person(threading.Thread):
+    """Answers the app's questions over HTTP, the most descriptive response each time; with
+    `stop_at`, sends SIGTERM to this process when shown question `stop_at` instead."""
+
+    def __init__(self, port: int, stop_at: int | None = None):
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/api/"
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.stop_at, self.done = stop_at, threading.Event()
+        self.judge = mock_labelers.get("descriptiveness")
+
+    def call(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"})
+        with self.opener.open(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                question = self.call("state")["question"]
+            except OSError:  # the app is not up yet, or gone
+                time.sleep(0.2)
+                continue
+            if question is None:
+                time.sleep(0.1)
+            elif question["id"] == self.stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            else:
+                scores = [self.judge("", r["text"]) for r in question["responses"]]
+                self.call("label", {"id": question["id"], "label": scores.index(max(scores))})
+
+
+def test_people_label_through_the_app_and_a_stopped_wait_resumes(tmp_path, capsys):
+    port = free_port()
+    args = ["train_policy", "mock_descriptiveness", "people", "--save_dir", str(tmp_path), *SHORT,
+            "--rewards.train_new_model.labels.num_train", "32", "--ppo.total_episodes", "64",
+            "--rewards.train_new_model.labels.source", f"app:{port}"]
+    # rounds before updates 0 and 2, 16 + 4 questions each; SIGTERM while round 1 waits
+    person = Person(port, stop_at=20)
+    person.start()
+    assert cli.main("launch", args) == 128 + signal.SIGTERM
+    person.join(10)
+    out, err = capsys.readouterr()
+    assert "waiting for people: 0/20 questions answered at http://127.0.0.1" in out
+    assert "stopped by SIGTERM while waiting for label round 1; rerun the same command to resume" in err
+    person = Person(port)
+    person.start()
+    try:
+        assert cli.main("launch", args) == 0
+    finally:
+        person.done.set()
+    assert "online: 1 label rounds done, PPO at update 2 of 4" in capsys.readouterr().out
+    run_dir = tmp_path / "people"
+    rounds = json.loads((run_dir / online.SUMMARY_FILE).read_text())
+    assert [(r["update"], r["labels"], r["questions"]) for r in rounds] == [(0, 16, 20), (2, 32, 20)]
+    asked = json.loads((run_dir / "app" / "labels.json.questions.json").read_text())["questions"]
+    assert len(asked) == 40  # round 1's questions were kept across the stop, not asked again
+    assert len(json.loads((run_dir / online.LABELS_FILE).read_text())) == 32
+
+
+def test_labels_from_people_need_a_save_folder():
+    hp = experiments.get("train_policy", "mock_descriptiveness")
+    hp.override_from_str("rewards.online", "on")
+    hp.override_from_str("rewards.train_new_model.labels.source", "app:0")
+    with pytest.raises(UserError, match="need a save folder"):
+        online.train(hp)
