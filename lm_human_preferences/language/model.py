@@ -341,8 +341,12 @@ class Model(nn.Module):
     def _forward_shared(self, tokens: torch.Tensor, padding_token: int | None, output_slice: slice, k: int,
                         first: torch.Tensor, run: torch.Tensor) -> Output:
         cache = self.new_cache(len(first))
-        prefix_x = self._hidden(tokens[first, :k], padding_token, cache)
-        rest_x = self._hidden(tokens[:, k:], padding_token, cache.select(run))
+        prefix, rest = tokens[first, :k], tokens[:, k:]
+        # One embedding lookup for both parts: each lookup's backward zero-fills a gradient of the whole vocabulary.
+        ids = torch.cat([prefix.reshape(-1), rest.reshape(-1)])
+        embedded = self.wte(ids if padding_token is None else torch.where(ids == padding_token, 0, ids))
+        prefix_x = self._hidden(prefix, padding_token, cache, embedded[:prefix.numel()].view(*prefix.shape, -1))
+        rest_x = self._hidden(rest, padding_token, cache.select(run), embedded[prefix.numel():].view(*rest.shape, -1))
         wanted = range(tokens.shape[1])[output_slice]
         in_prefix = slice(min(wanted.start, k), min(wanted.stop, k))
         in_rest = slice(max(wanted.start, k) - k, max(wanted.stop, k) - k)
@@ -355,8 +359,12 @@ class Model(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.frozen_dtype)
 
-    def _hidden(self, tokens: torch.Tensor, padding_token: int | None, cache: KVCache | None) -> torch.Tensor:
-        """Final hidden states [batch, length, n_embd] (padding filled), after the cached tokens."""
+    def _hidden(self, tokens: torch.Tensor, padding_token: int | None, cache: KVCache | None,
+                embedded: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [batch, length, n_embd] (padding filled), after the cached tokens.
+
+        `embedded`: the token embeddings (padding as id 0), when the caller looked them up already.
+        """
         batch, length = tokens.shape
         start = cache.length if cache is not None else 0
         end = start + length
@@ -380,7 +388,7 @@ class Model(nn.Module):
         key_real = cache.key_real(real) if cache is not None and keys_padded else real
         mask = _attention_mask(real, key_real, start, keys_padded)
 
-        x = self.wte(tokens) + self.wpe(positions)
+        x = (self.wte(tokens) if embedded is None else embedded) + self.wpe(positions)
         for layer, block in enumerate(self.h):
             x = block(x, mask, cache, layer)
         x = self.ln_f(x)
