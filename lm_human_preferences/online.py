@@ -44,8 +44,8 @@ labels kept, queries drawn, app questions taken; PPO's (`resume/policy`) has a c
 every round's update. Rerun with the same command, a stopped or killed run goes on from its
 last finished round and its last PPO checkpoint: a round cut short is done again, except
 that questions already given to people are kept (their answers are in the app's journal)
-and not asked again. SIGINT or SIGTERM stop after the current round, or at once while the
-run waits for people.
+and not asked again. SIGINT or SIGTERM stop the run after the current PPO update or label
+round, or at once while it waits for people.
 """
 
 import contextlib
