@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import errno
 import functools
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -27,6 +28,10 @@ _LAUNCHERS = {
     "mpirun": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 }
+# Seconds the other ranks get to exit on their own once one has stopped on SIGINT/SIGTERM: they
+# all stop at the same update, and rank 0 must not be killed before it says where the run stopped.
+STOP_GRACE = 30.0
+STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def is_initialized() -> bool:
@@ -340,10 +345,10 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
                 for s in (signal.SIGINT, signal.SIGTERM)}
     stopped_since: dict[int, float] = {}
     try:
-        while not context.join(timeout=1):
+        while not _join(context):
             _check_stopped_ranks(pids, stopped_since, timeout, context)
     except mp.ProcessExitedException as e:
-        if e.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        if e.exit_code in STOP_CODES:
             raise Stopped(e.exit_code - 128, "stopped; rerun the same command to resume") from None
         raise UserError(f"rank {e.error_index} failed (exit code {e.exit_code}); the other ranks were stopped") from None
     except mp.ProcessRaisedException as e:
@@ -352,6 +357,21 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _join(context) -> bool:
+    """Wait up to a second for the ranks; True once all have exited. context.join() raises for a
+    failed rank and kills the others, so it is called only when every rank has exited or one has
+    failed; a rank that stopped on a signal first gives the others STOP_GRACE seconds to stop too."""
+    multiprocessing.connection.wait([p.sentinel for p in context.processes if p.exitcode is None], timeout=1)
+    codes = [p.exitcode for p in context.processes]
+    if any(code in STOP_CODES for code in codes):
+        deadline = time.monotonic() + STOP_GRACE
+        for p in context.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+    elif None in codes and not any(codes):
+        return False
+    return context.join(timeout=0)
 
 
 def _signal(pid: int, signum: int) -> None:
