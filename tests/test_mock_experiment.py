@@ -7,12 +7,12 @@ import pytest
 
 from lm_human_preferences import cli
 
-# The README's main job itself, at seed 0 (about 3 minutes on 2 CPU cores). Measured with
-# `python bench/mock_demo.py --seeds 0 1 2` (2-core CPU): held-out accuracy 0.869–0.916, win
-# rate 0.867–0.889, labeler's score 0.12–0.18 → 1.61–1.81, final KL 5.81–6.43 (target 6). The
-# thresholds below sit far below every measured seed and far above chance (accuracy 0.25; a
-# win rate of 0.5 is no change). A shortened run is not used: the reward model is limited by
-# its labels (1,024 labels and 40 updates gave accuracy 0.56 and win rate 0.62 at seed 0).
+# The README's main job itself, at seed 0 (about 2 minutes on 2 idle CPU cores). Measured with
+# `python bench/mock_demo.py --seeds 0 1 2` (2-core CPU, two sessions): held-out accuracy
+# 0.869–0.916, win rate 0.867–0.900, labeler's score 0.12–0.18 → 1.61–1.81, final KL 5.81–7.18
+# (target 6). The thresholds below sit far below every measured seed and far above chance
+# (accuracy 0.25; a win rate of 0.5 is no change). A shortened run is not used: the reward model
+# is limited by its labels (1,024 labels and 40 updates gave accuracy 0.56 and win rate 0.62).
 MAIN_JOB = ["--run.log_interval", "100"]
 
 
