@@ -2,13 +2,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lm_human_preferences import cli, experiments
-from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils import distributed
+from lm_human_preferences.utils.errors import Stopped, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,3 +192,17 @@ def test_train_new_model_tasks_must_match_when_set_directly():
     hp.task.query_length = 3
     with pytest.raises(UserError, match="differs from task in query_length"):
         hp.validate()
+
+
+def test_the_rank_that_failed_first_is_named(tmp_path, capsys):
+    """Once one rank fails, the others fail in their collectives; the earliest report names the cause."""
+    (tmp_path / "0").write_text(json.dumps({"time_ns": 2000, "trace": "RuntimeError: connection closed by peer"}))
+    (tmp_path / "1").write_text(json.dumps({"time_ns": 1000, "trace": "RuntimeError: the real cause"}))
+    processes = [SimpleNamespace(exitcode=1), SimpleNamespace(exitcode=1)]
+    error = distributed._failure(processes, 0, str(tmp_path))
+    assert str(error) == "rank 1 failed with the error above; the other ranks were stopped"
+    assert "the real cause" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    stopped = distributed._failure([SimpleNamespace(exitcode=143), SimpleNamespace(exitcode=143)], 1,
+                                   str(tmp_path / "empty"))
+    assert isinstance(stopped, Stopped) and stopped.signum == 15

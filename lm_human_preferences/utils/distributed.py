@@ -8,12 +8,15 @@ import contextlib
 import datetime
 import errno
 import functools
+import json
 import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -288,27 +291,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: str) -> None:
-    """Entry point of a spawned rank: a UserError prints one line and exits 1."""
+def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: str, failures: str) -> None:
+    """Entry point of a spawned rank. A failure is reported in `failures`/<index> (when it happened,
+    and the traceback of an unexpected error; a UserError prints its one line here) before the rank
+    exits 1: the other ranks, blocked in a collective, fail only after that, so the launcher can
+    name the rank that failed first."""
     _init(index, world, index, init_method)
     try:
         fn(*args)
-    except UserError as e:
-        print(f"error (rank {index}): {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"error (rank {index}): disk full while writing {e.filename or 'a file'} ({e.strerror}); free space "
-              "and run again", file=sys.stderr, flush=True)
-        sys.exit(1)
     except Stopped as e:
+        dist.destroy_process_group()
         if index == 0:
             print(f"{e}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except KeyboardInterrupt:  # a second signal: stopped at once, from the last checkpoint
+        sys.exit(128 + signal.SIGINT)
+    except Exception as e:
+        trace = None
+        if isinstance(e, UserError):
+            print(f"error (rank {index}): {e}", file=sys.stderr, flush=True)
+        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error (rank {index}): disk full while writing {e.filename or 'a file'} ({e.strerror}); free "
+                  "space and run again", file=sys.stderr, flush=True)
+        else:
+            trace = traceback.format_exc()
+        report = os.path.join(failures, str(index))
+        with open(report + ".tmp", "w") as f:
+            json.dump({"time_ns": time.time_ns(), "trace": trace}, f)
+        os.replace(report + ".tmp", report)
+        sys.exit(1)
+    dist.destroy_process_group()
 
 
 def run(fn: Callable, args: tuple, ranks: int) -> None:
@@ -316,7 +328,7 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
 
     Under torchrun, mpirun or Slurm (rank and world size in the environment), this process is
     one rank and nothing is spawned. Otherwise `ranks` processes are started; when one fails,
-    the others are stopped and a UserError names the failing rank.
+    the others are stopped and a UserError names the rank that failed first.
     """
     launched = external_launcher()
     if launched is not None:
@@ -336,42 +348,73 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
     if torch.cuda.is_available() and ranks > torch.cuda.device_count():
         raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    timeout = rank_timeout()
-    context = mp.start_processes(_run_rank, args=(fn, args, ranks, init_method), nprocs=ranks, join=False,
-                                 start_method="spawn")
-    pids = [p.pid for p in context.processes]
-    # The ranks stop after their current update on SIGINT/SIGTERM (a repeat within 2 s counts once).
-    previous = {s: signal.signal(s, lambda signum, _: [_signal(pid, signum) for pid in pids])
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    with tempfile.TemporaryDirectory(prefix="lmhp-ranks-") as failures:
+        context = mp.start_processes(_run_rank, args=(fn, args, ranks, init_method, failures), nprocs=ranks,
+                                     join=False, start_method="spawn")
+        pids = [p.pid for p in context.processes]
+        # The ranks stop after their current update on SIGINT/SIGTERM (a repeat within 2 s counts once).
+        previous = {s: signal.signal(s, lambda signum, _: [_signal(pid, signum) for pid in pids])
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            failed = _supervise(context.processes, rank_timeout())
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if failed is not None:
+            raise _failure(context.processes, failed, failures)
+
+
+def _supervise(processes: list, timeout: float) -> int | None:
+    """Wait for the spawned ranks; None when all succeeded, else the index of the first that failed
+    (the others are then stopped). Ranks that stop on SIGINT/SIGTERM all stop at the same update,
+    so the others get STOP_GRACE seconds to exit on their own: rank 0 reports where the run stopped."""
     stopped_since: dict[int, float] = {}
-    try:
-        while not _join(context):
-            _check_stopped_ranks(pids, stopped_since, timeout, context)
-    except mp.ProcessExitedException as e:
-        if e.exit_code in STOP_CODES:
-            raise Stopped(e.exit_code - 128, "stopped; rerun the same command to resume") from None
-        raise UserError(f"rank {e.error_index} failed (exit code {e.exit_code}); the other ranks were stopped") from None
-    except mp.ProcessRaisedException as e:
-        print(str(e), file=sys.stderr)
-        raise UserError(f"rank {e.error_index} failed with the error above; the other ranks were stopped") from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    while any(p.exitcode is None for p in processes):
+        multiprocessing.connection.wait([p.sentinel for p in processes if p.exitcode is None], timeout=1)
+        failed = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+        if failed:
+            _stop_all(processes, STOP_GRACE if processes[failed[0]].exitcode in STOP_CODES else 0.0)
+            return failed[0]
+        _check_stopped_ranks(processes, stopped_since, timeout)
+    return None
 
 
-def _join(context) -> bool:
-    """Wait up to a second for the ranks; True once all have exited. context.join() raises for a
-    failed rank and kills the others, so it is called only when every rank has exited or one has
-    failed; a rank that stopped on a signal first gives the others STOP_GRACE seconds to stop too."""
-    multiprocessing.connection.wait([p.sentinel for p in context.processes if p.exitcode is None], timeout=1)
-    codes = [p.exitcode for p in context.processes]
-    if any(code in STOP_CODES for code in codes):
-        deadline = time.monotonic() + STOP_GRACE
-        for p in context.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-    elif None in codes and not any(codes):
-        return False
-    return context.join(timeout=0)
+def _stop_all(processes: list, grace: float) -> None:
+    """Give the ranks `grace` seconds to exit, then SIGTERM, then (30 s later) SIGKILL the rest."""
+    _join_all(processes, grace)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    _join_all(processes, 30.0)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _join_all(processes: list, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+
+
+def _failure(processes: list, first_seen: int, failures: str) -> BaseException:
+    """What the launcher raises once rank `first_seen` was seen to fail: Stopped when it stopped on
+    a signal, else a UserError naming the rank whose failure report is the earliest."""
+    reports = {}
+    for name in os.listdir(failures):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(failures, name)) as f:
+                reports[int(name)] = json.load(f)
+    index = min(reports, key=lambda i: reports[i]["time_ns"]) if reports else first_seen
+    code = processes[index].exitcode
+    if code in STOP_CODES:
+        return Stopped(code - 128, "stopped; rerun the same command to resume")
+    trace = reports.get(index, {}).get("trace")
+    if trace:
+        print(trace, file=sys.stderr)
+        return UserError(f"rank {index} failed with the error above; the other ranks were stopped")
+    return UserError(f"rank {index} failed (exit code {code}); the other ranks were stopped")
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -379,21 +422,21 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def _check_stopped_ranks(pids: list[int], stopped_since: dict[int, float], timeout: float, context) -> None:
+def _check_stopped_ranks(processes: list, stopped_since: dict[int, float], timeout: float) -> None:
     """Stop every rank when one has been stopped (SIGSTOP, a debugger) for longer than `timeout` seconds."""
     now = time.monotonic()
-    for index, pid in enumerate(pids):
+    for index, process in enumerate(processes):
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{process.pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
-            continue  # not Linux, or the process is gone: join() reports it
+            continue  # not Linux, or the process is gone: the next wait reports it
         if state not in ("T", "t"):
             stopped_since.pop(index, None)
             continue
         since = stopped_since.setdefault(index, now)
         if now - since > timeout:
-            for other in pids:
-                _signal(other, signal.SIGKILL)
-            raise UserError(f"rank {index} (pid {pid}) stopped responding for {now - since:.0f} s "
+            for other in processes:
+                other.kill()
+            raise UserError(f"rank {index} (pid {process.pid}) stopped responding for {now - since:.0f} s "
                             "(LMHP_RANK_TIMEOUT); every rank was stopped")
