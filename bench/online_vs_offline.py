@@ -5,9 +5,11 @@
     python bench/online_vs_offline.py --experiment mock_sentiment --seeds 0 1 2 3
     python bench/online_vs_offline.py --flags --ppo.total_episodes 2560   # extra launch.py flags for every run
 
-Each seed runs the experiment twice, each time in a fresh process: offline (the README's main
-command: every label from the initial policy, before PPO) and online (`--rewards.online on`:
-the same number of labels, collected in rounds from the current policy). Then the final
+Each seed runs the experiment three times, each time in a fresh process: offline (the README's
+main command: every label from the initial policy, before PPO), online (`--rewards.online on`:
+the same number of labels, collected in rounds from the current policy, the reward model
+renormalized on the current policy's samples each round) and online-initial (the same, but
+renormalized on the initial policy's samples, as round 0 is). Then the final
 reward model of each run is put to the test where an offline one goes wrong: the mock
 labeler labels `--eval` fresh best-of-4 questions on the FINAL policy's samples (test
 queries), and the reward model's accuracy on them is measured (chance 0.25).
@@ -38,7 +40,8 @@ from lm_human_preferences.labeling import collect, label_types  # noqa: E402
 from lm_human_preferences.language import encodings, trained_models  # noqa: E402
 from lm_human_preferences.policy import Policy  # noqa: E402
 
-MODES = {"offline": [], "online": ["--rewards.online", "on"]}
+MODES = {"offline": [], "online": ["--rewards.online", "on"],
+         "online-initial": ["--rewards.online", "on", "--rewards.online.normalize_on", "initial"]}
 COLUMNS = [("final-policy acc", "final_policy_accuracy"), ("held-out acc", "reward_model_heldout_accuracy"),
            ("win rate", "win_rate"), ("score after", "true_score_after"), ("final KL", "final_kl"),
            ("wall s", "wall_time")]
@@ -90,11 +93,11 @@ def measure(run_dir: Path, n_labels: int, seed: int) -> dict:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = [f"{'mode':<10}{'':>6}" + "".join(f"{title:>18}" for title, _ in COLUMNS)]
+    lines = [f"{'mode':<16}{'':>6}" + "".join(f"{title:>18}" for title, _ in COLUMNS)]
     for mode, runs in results.items():
         for label, stat in (("mean", statistics.mean), ("min", min), ("max", max)):
             cells = "".join(f"{stat([r[key] for r in runs]):>18.3f}" for _, key in COLUMNS)
-            lines.append(f"{mode if label == 'mean' else '':<10}{label:>6}{cells}")
+            lines.append(f"{mode if label == 'mean' else '':<16}{label:>6}{cells}")
     return "\n".join(lines)
 
 

@@ -26,7 +26,8 @@ from round to round. Then the reward model is normalized as the original does af
 training — gain and bias reset, rewards measured on fresh samples, gain and bias set so they
 are N(0, 1) — on samples of the current policy: the original normalized on samples of the
 policy that PPO was about to start from; online, that is the current policy, not the
-initial one. A round's summary gives the previous reward model's accuracy on the round's
+initial one. `online.normalize_on initial` keeps the initial policy's samples instead, so the
+reward's scale stays the one PPO started with (the README's bench compares both). A round's summary gives the previous reward model's accuracy on the round's
 new held-out labels (how far it had fallen behind the policy) and the new one's on all
 held-out labels so far.
 
@@ -76,6 +77,7 @@ HELD_OUT_SHARE = 4  # as the offline demo: a quarter more labels each round, hel
 ROUND_SEED_STRIDE = 7919  # round k samples and labels with seed + k · stride
 APP_SOURCE = "app"
 LABELS_FILE, HELDOUT_FILE, SUMMARY_FILE = "labels.json", "heldout_labels.json", "online_summary.json"
+NORMALIZE_ON = ("current", "initial")
 MAX_ASKED = 20  # questions asked per label wanted before giving up on a labeler that skips them all
 
 
@@ -86,6 +88,7 @@ class OnlineHParams(hyperparams.HParams):
     epochs: int = 1  # reward-model passes per round after the first
     all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
     lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
+    normalize_on: str = "current"  # whose samples later rounds renormalize on: the current or the initial policy's
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
@@ -97,6 +100,8 @@ class OnlineHParams(hyperparams.HParams):
             raise UserError(f"{_prefix}epochs must be positive, got {self.epochs}")
         if self.lr is not None and not 0 <= self.lr < float("inf"):
             raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
+        if self.normalize_on not in NORMALIZE_ON:
+            raise UserError(f"{_prefix}normalize_on must be one of {', '.join(NORMALIZE_ON)}, got {self.normalize_on!r}")
 
 
 @dataclass(frozen=True)
@@ -389,8 +394,8 @@ class OnlineRun:
                                  rnd.labels if rnd.index == 0 or self.hp.rewards.online.all_labels else len(train_new))
         trained = progress.train[-round_hp.labels.num_train:]
         trainer.hp, trainer.step = round_hp, 0
-        if rnd.update > 0:  # round 0 normalizes on the initial policy's samples, as the offline run
-            trainer.policy = snapshot(policy, self.hp)
+        if rnd.update > 0 and self.hp.rewards.online.normalize_on == "current":  # else the initial policy's,
+            trainer.policy = snapshot(policy, self.hp)  # on which round 0 normalizes, as an offline run
         train_labels = as_labels(trained, self.label_type, self.hp.task)
         if round_hp.normalize_before:
             summary["normalize_before"] = trainer.normalize(*train_reward.target_moments(self.label_type, train_labels))

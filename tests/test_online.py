@@ -96,6 +96,7 @@ def test_schedule_is_front_loaded_and_offline_by_default():
     (["--rewards.train_new_model.labels.source", "labels.json"], "collects its own labels"),
     (["--rewards.train_new_model.labels.source", "app:http"], "a port"),
     (["--rewards.online.initial_share", "0"], "initial_share"),
+    (["--rewards.online.normalize_on", "final"], "normalize_on must be one of current, initial"),
 ])
 def test_online_hparams_are_checked(flags, message, capsys):
     args = ["train_policy", "mock_descriptiveness", "x", "--rewards.online", "on", *flags, "--dry_run"]
@@ -231,3 +232,28 @@ def test_labels_from_people_need_a_save_folder():
     hp.override_from_str("rewards.train_new_model.labels.source", "app:0")
     with pytest.raises(UserError, match="need a save folder"):
         online.train(hp)
+
+
+@pytest.mark.parametrize("normalize_on", ["current", "initial"])
+def test_later_rounds_normalize_on_the_chosen_policy(tmp_path, monkeypatch, normalize_on):
+    """Rounds after the first renormalize the reward model on samples of the current policy (a
+    snapshot taken at the round), or with `normalize_on initial` on the initial policy's."""
+    sampled_by = []
+    real_normalize = online.train_reward.RewardModelTrainer.normalize
+
+    def normalize(trainer, *args, **kwargs):
+        sampled_by.append(trainer.policy)
+        return real_normalize(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(online.train_reward.RewardModelTrainer, "normalize", normalize)
+    args = ["train_policy", "mock_descriptiveness", "n", "--save_dir", str(tmp_path), *SHORT,
+            "--rewards.online.normalize_on", normalize_on]
+    assert cli.main("launch", args) == 0
+    assert len(sampled_by) == 4  # round 0 before and after training; rounds 1 and 2 after it
+    initial, later = sampled_by[0], sampled_by[2:]
+    assert sampled_by[1] is initial
+    if normalize_on == "initial":
+        assert all(p is initial for p in later)
+    else:  # a frozen snapshot of the policy, new each round
+        assert all(p is not initial for p in later) and later[0] is not later[1]
+        assert all(not any(t.requires_grad for t in p.model.parameters()) for p in later)
