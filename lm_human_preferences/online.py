@@ -27,9 +27,9 @@ training — gain and bias reset, rewards measured on fresh samples, gain and bi
 are N(0, 1) — on samples of the current policy: the original normalized on samples of the
 policy that PPO was about to start from; online, that is the current policy, not the
 initial one. `online.normalize_on initial` keeps the initial policy's samples instead, so the
-reward's scale stays the one PPO started with (the README's bench compares both). A round's summary gives the previous reward model's accuracy on the round's
-new held-out labels (how far it had fallen behind the policy) and the new one's on all
-held-out labels so far.
+reward's scale stays the one PPO started with (the README's bench compares both). A round's
+summary gives the previous reward model's accuracy on the round's new held-out labels (how far
+it had fallen behind the policy) and the new one's on all held-out labels so far.
 
 Labelers (`labels.source`): `mock:<labeler>[:<noise>]`, the mock labelers of the offline demo
 (ties skipped, as there); or `app[:<port>]`, people, through the labeling app that rank 0
@@ -394,8 +394,10 @@ class OnlineRun:
                                  rnd.labels if rnd.index == 0 or self.hp.rewards.online.all_labels else len(train_new))
         trained = progress.train[-round_hp.labels.num_train:]
         trainer.hp, trainer.step = round_hp, 0
-        if rnd.update > 0 and self.hp.rewards.online.normalize_on == "current":  # else the initial policy's,
-            trainer.policy = snapshot(policy, self.hp)  # on which round 0 normalizes, as an offline run
+        # Round 0 normalizes on the initial policy's samples, as an offline run; later rounds on the
+        # current policy's, unless normalize_on says initial.
+        if rnd.update > 0 and self.hp.rewards.online.normalize_on == "current":
+            trainer.policy = snapshot(policy, self.hp)
         train_labels = as_labels(trained, self.label_type, self.hp.task)
         if round_hp.normalize_before:
             summary["normalize_before"] = trainer.normalize(*train_reward.target_moments(self.label_type, train_labels))

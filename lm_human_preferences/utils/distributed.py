@@ -315,12 +315,16 @@ def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: st
                   "space and run again", file=sys.stderr, flush=True)
         else:
             trace = traceback.format_exc()
-        report = os.path.join(failures, str(index))
-        with open(report + ".tmp", "w") as f:
-            json.dump({"time_ns": time.time_ns(), "trace": trace}, f)
-        os.replace(report + ".tmp", report)
+        _report_failure(os.path.join(failures, str(index)), trace)
         sys.exit(1)
     dist.destroy_process_group()
+
+
+def _report_failure(path: str, trace: str | None) -> None:
+    """Write when this rank failed (and the traceback of an unexpected error) for the launcher."""
+    with open(path + ".tmp", "w") as f:
+        json.dump({"time_ns": time.time_ns(), "trace": trace}, f)
+    os.replace(path + ".tmp", path)
 
 
 def run(fn: Callable, args: tuple, ranks: int) -> None:
