@@ -3,7 +3,7 @@
 
 import sys
 
-from lm_human_preferences.cli import label_entry
+from lm_human_preferences.cli.main import label_entry
 
 if __name__ == "__main__":
     sys.exit(label_entry())

@@ -3,7 +3,7 @@
 
 import sys
 
-from lm_human_preferences.cli import launch_entry
+from lm_human_preferences.cli.main import launch_entry
 
 if __name__ == "__main__":
     sys.exit(launch_entry())

@@ -3,7 +3,7 @@
 
 import sys
 
-from lm_human_preferences.cli import sample_entry
+from lm_human_preferences.cli.main import sample_entry
 
 if __name__ == "__main__":
     sys.exit(sample_entry())

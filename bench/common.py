@@ -16,10 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lm_human_preferences import lm_tasks, train_policy  # noqa: E402
+from lm_human_preferences.training import train_policy  # noqa: E402
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.language import encodings, model as lm  # noqa: E402
-from lm_human_preferences.policy import Policy  # noqa: E402
-from lm_human_preferences.rewards import RewardModel  # noqa: E402
+from lm_human_preferences.task.policy import Policy  # noqa: E402
+from lm_human_preferences.task.rewards import RewardModel  # noqa: E402
 from lm_human_preferences.utils import distributed  # noqa: E402
 
 SIZES = {

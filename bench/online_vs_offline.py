@@ -35,10 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lm_human_preferences import online, rewards, train_policy  # noqa: E402
+from lm_human_preferences.training import train_policy  # noqa: E402
+from lm_human_preferences.task import rewards
+from lm_human_preferences.training import online
 from lm_human_preferences.labeling import collect, label_types  # noqa: E402
 from lm_human_preferences.language import encodings, trained_models  # noqa: E402
-from lm_human_preferences.policy import Policy  # noqa: E402
+from lm_human_preferences.task.policy import Policy  # noqa: E402
 
 MODES = {"offline": [], "online": ["--rewards.online", "on"],
          "online-initial": ["--rewards.online", "on", "--rewards.online.normalize_on", "initial"]}

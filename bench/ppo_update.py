@@ -17,11 +17,12 @@ import time
 
 import torch
 
-from lm_human_preferences import lm_tasks, train_policy
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training import train_policy
 from lm_human_preferences.language import encodings, model as lm
-from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import RewardModel
-from lm_human_preferences.run import RunHParams
+from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task.rewards import RewardModel
+from lm_human_preferences.training.run import RunHParams
 from lm_human_preferences.utils import distributed
 
 SIZES = {

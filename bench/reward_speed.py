@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import common
 from lm_human_preferences.language import model as lm
-from lm_human_preferences.rewards import RewardModel
+from lm_human_preferences.task.rewards import RewardModel
 from lm_human_preferences.utils.tf_adam import TFAdam
 
 

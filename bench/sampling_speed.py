@@ -15,7 +15,7 @@ import torch
 
 import common
 from lm_human_preferences.language import model as lm
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import distributed
 
 

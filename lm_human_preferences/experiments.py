@@ -7,7 +7,9 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from lm_human_preferences import demo, lm_tasks, report, run, train_policy, train_reward
+from lm_human_preferences.evaluation import demo, report
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training import run, train_policy, train_reward
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 

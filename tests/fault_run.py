@@ -12,7 +12,8 @@ import os
 import signal
 import sys
 
-from lm_human_preferences import cli, train_policy, train_reward
+from lm_human_preferences.cli import main as cli
+from lm_human_preferences.training import train_policy, train_reward
 from lm_human_preferences.utils import distributed
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from lm_human_preferences.corpora import cnndm
+from lm_human_preferences.language.corpora import cnndm
 from lm_human_preferences.language import datasets, encodings
 from lm_human_preferences.utils.errors import UserError
 

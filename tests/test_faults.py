@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_human_preferences import cli
+from lm_human_preferences.cli import main as cli
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.model import HParams
 from lm_human_preferences.utils.errors import UserError

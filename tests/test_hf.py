@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lm_human_preferences import cli
+from lm_human_preferences.cli import main as cli
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.utils.errors import UserError
 

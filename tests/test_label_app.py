@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from lm_human_preferences import cli, experiments
-from lm_human_preferences.labeling import app, collect, label_files, label_types, questions
-from lm_human_preferences.labeling.queue import HumanLabeler, LabelQueue
+from lm_human_preferences import experiments
+from lm_human_preferences.cli import main as cli
+from lm_human_preferences.labeling import collect, label_files, label_types
+from lm_human_preferences.labeling.app import questions, web
+from lm_human_preferences.labeling.app.queue import HumanLabeler, LabelQueue
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +49,7 @@ def new_queue(out: Path, type_name: str = "best_of_4", n: int = 6, overlap: floa
 
 @contextmanager
 def serving(queue: LabelQueue, token: str | None = None):
-    server = app.LabelServer(queue, app.Page("test", "Pick the best."), "127.0.0.1", 0, token)
+    server = web.LabelServer(queue, web.Page("test", "Pick the best."), "127.0.0.1", 0, token)
     server.start()
     try:
         yield server
@@ -244,15 +246,15 @@ def test_scalar_rating(tmp_path):
 
 def test_token_required_beyond_this_machine(tmp_path):
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
-        app.check_bind(host, None)
+        web.check_bind(host, None)
     for host in ("0.0.0.0", "192.168.1.20", "::", "example.org"):
         with pytest.raises(UserError, match="--token"):
-            app.check_bind(host, None)
-        app.check_bind(host, "s3cret")
+            web.check_bind(host, None)
+        web.check_bind(host, "s3cret")
     with pytest.raises(UserError, match="letters, digits"):
-        app.check_bind("0.0.0.0", "a b;c")
+        web.check_bind("0.0.0.0", "a b;c")
     with pytest.raises(UserError, match="--token"):
-        app.LabelServer(new_queue(tmp_path / "x.json"), app.Page("t", "i"), "0.0.0.0", 0, None)
+        web.LabelServer(new_queue(tmp_path / "x.json"), web.Page("t", "i"), "0.0.0.0", 0, None)
     assert cli.main("label", ["serve", "test", "--out", str(tmp_path / "y.json"), "--host", "0.0.0.0"]) == 1
 
     with serving(new_queue(tmp_path / "labels.json"), token="s3cret") as server:
@@ -315,7 +317,7 @@ def test_page_is_escaped_and_locked_down(tmp_path):
             assert "script-src 'self'" in policy and "unsafe-inline" not in policy
             assert response.headers["X-Content-Type-Options"] == "nosniff"
             assert "lmhp_session=" in response.headers["Set-Cookie"]
-        script = (app.STATIC / "app.js").read_text()
+        script = (web.STATIC / "app.js").read_text()
         assert "innerHTML" not in script and "insertAdjacentHTML" not in script and "eval(" not in script
 
 
@@ -414,9 +416,9 @@ def test_serve_help_and_instructions(capsys):
     assert cli.main("label", ["serve", "--help"]) == 0
     assert "label.py serve EXPERIMENT --out FILE" in capsys.readouterr().out
     bo4, rating = label_types.get("best_of_4"), label_types.get("scalar_rating")
-    assert app.instructions("mock_descriptiveness", "mock:descriptiveness:0.5", bo4).startswith(
+    assert web.instructions("mock_descriptiveness", "mock:descriptiveness:0.5", bo4).startswith(
         "Pick the most descriptive continuation")
-    assert app.instructions("sentiment", "gs://x.json", rating).startswith("Rate the sentiment")
-    assert app.instructions("test", "test", bo4) == "Pick the best continuation of the text."
+    assert web.instructions("sentiment", "gs://x.json", rating).startswith("Rate the sentiment")
+    assert web.instructions("test", "test", bo4) == "Pick the best continuation of the text."
     with pytest.raises(UserError, match="best_of_N or scalar_rating"):
         questions.count_responses(label_types.get("scalar_compare"))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lm_human_preferences.labeling import app, collect, label_types, questions
-from lm_human_preferences.labeling.queue import LabelQueue
+from lm_human_preferences.labeling import collect, label_types
+from lm_human_preferences.labeling.app import questions, web
+from lm_human_preferences.labeling.app.queue import LabelQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -108,13 +109,13 @@ class Page:
         return self.driver.find_element(By.ID, element_id).text
 
 
-def serve(queue: LabelQueue, port: int = 0, page: app.Page | None = None) -> app.LabelServer:
-    server = app.LabelServer(queue, page or app.Page("test: best_of_4", "Pick the best."), "127.0.0.1", port)
+def serve(queue: LabelQueue, port: int = 0, page: web.Page | None = None) -> web.LabelServer:
+    server = web.LabelServer(queue, page or web.Page("test: best_of_4", "Pick the best."), "127.0.0.1", port)
     server.start()
     return server
 
 
-def stop(server: app.LabelServer) -> None:
+def stop(server: web.LabelServer) -> None:
     server.shutdown()
     server.server_close()
     server.queue.close()
@@ -243,8 +244,8 @@ def test_two_labelers_on_overlapping_questions(tmp_path, browsers):
 def test_kjv_page_and_its_screenshot(tmp_path, browsers):
     """The demo's page: best of 4 of the kjv model's samples for mock_descriptiveness."""
     queue = new_queue(tmp_path / "labels.json", n=3, experiment="mock_descriptiveness")
-    text = app.instructions("mock_descriptiveness", "mock:descriptiveness", label_types.get("best_of_4"))
-    server = serve(queue, page=app.Page("mock_descriptiveness: best_of_4", text))
+    text = web.instructions("mock_descriptiveness", "mock:descriptiveness", label_types.get("best_of_4"))
+    server = serve(queue, page=web.Page("mock_descriptiveness: best_of_4", text))
     page = Page(browsers(), server.url)
     try:
         assert page.text("instructions") == text

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_human_preferences import cli, experiments
+from lm_human_preferences import experiments
+from lm_human_preferences.cli import main as cli
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import Stopped, UserError
 
@@ -160,7 +161,8 @@ def test_two_ranks_train_policy_and_sample(tmp_path):
 
 FAILING = """
 import sys
-from lm_human_preferences import cli, train_reward
+from lm_human_preferences.cli import main as cli
+from lm_human_preferences.training import train_reward
 from lm_human_preferences.utils import distributed
 
 original = train_reward.RewardModelTrainer.train

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lm_human_preferences import lm_tasks
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.language import datasets, encodings
 from lm_human_preferences.utils.errors import UserError
 

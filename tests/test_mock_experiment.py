@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lm_human_preferences import cli
+from lm_human_preferences.cli import main as cli
 
 # The README's main job itself, at seed 0 (about 2 minutes on 2 idle CPU cores). Measured with
 # `python bench/mock_demo.py --seeds 0 1 2` (2-core CPU, two sessions): held-out accuracy

@@ -4,10 +4,11 @@ from collections import Counter
 
 import pytest
 
-from lm_human_preferences import cli, lm_tasks
+from lm_human_preferences.cli import main as cli
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.labeling import collect, label_files, label_types, mock_labelers
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils.errors import UserError
 
 

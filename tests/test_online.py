@@ -17,10 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_human_preferences import cli, experiments, online
+from lm_human_preferences import experiments
+from lm_human_preferences.cli import main as cli
+from lm_human_preferences.training import online
 from lm_human_preferences.labeling import collect, mock_labelers
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils.errors import UserError
 
 FAULT_RUN = Path(__file__).with_name("fault_run.py")

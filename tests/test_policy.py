@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from lm_human_preferences import lm_tasks
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.language import encodings, sample, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 
 
 def make_policy(temperature=0.7, prefix="", suffix=""):

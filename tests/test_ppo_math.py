@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from lm_human_preferences import lm_tasks
-from lm_human_preferences.train_policy import (AdaptiveKLController, FixedKLController, PpoHParams,
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training.train_policy import (AdaptiveKLController, FixedKLController, PpoHParams,
                                                advantages_and_returns, compute_rewards, make_score_fn,
                                                minibatch_stats, ppo_loss)
 from lm_human_preferences.utils import core

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from lm_human_preferences import report
+from lm_human_preferences.evaluation import report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -182,7 +182,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_console_entry_point_error_is_one_line(tmp_path):
-    code = "from lm_human_preferences.report import main_entry; main_entry()"
+    code = "from lm_human_preferences.evaluation.report import main_entry; main_entry()"
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and done.stdout == ""

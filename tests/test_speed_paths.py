@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_human_preferences import lm_tasks, train_policy
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training import train_policy
 from lm_human_preferences.language import encodings, model, sample
-from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import RewardModel
-from lm_human_preferences.run import RunHParams
+from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task.rewards import RewardModel
+from lm_human_preferences.training.run import RunHParams
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam

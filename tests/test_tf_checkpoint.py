@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_human_preferences import rewards
+from lm_human_preferences.task import rewards
 from lm_human_preferences.language import tf_checkpoint, trained_models
 from lm_human_preferences.utils.errors import UserError
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_human_preferences import train_policy, train_reward
+from lm_human_preferences.training import train_policy, train_reward
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_human_preferences import rewards, train_reward
+from lm_human_preferences.task import rewards
+from lm_human_preferences.training import train_reward
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.utils.errors import UserError
 

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from lm_human_preferences import cli, experiments, lm_tasks
+from lm_human_preferences import experiments
+from lm_human_preferences.cli import main as cli
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.labeling import label_files, label_types
 from lm_human_preferences.language import encodings
 from lm_human_preferences.utils import distributed, storage

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-from lm_human_preferences import lm_tasks
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.labeling import label_types, mock_labelers
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils.errors import UserError
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lm_human_preferences.corpora.books import books_texts
-from lm_human_preferences.corpora.cnndm import cnndm_texts
-from lm_human_preferences.corpora.tldr import tldr_texts
+from lm_human_preferences.language.corpora.books import books_texts
+from lm_human_preferences.language.corpora.cnndm import cnndm_texts
+from lm_human_preferences.language.corpora.tldr import tldr_texts
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from lm_human_preferences import lm_tasks
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.language import sample
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.language.model import Model

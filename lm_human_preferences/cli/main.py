@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import experiments, lm_tasks, options, run, serve, train_policy
+from lm_human_preferences import experiments
+from lm_human_preferences.cli import options, serve
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training import run, train_policy
 from lm_human_preferences.labeling import collect, label_files, mock_labelers
 from lm_human_preferences.language import encodings, hf, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import distributed, storage
 from lm_human_preferences.utils.errors import Stopped, UserError
 

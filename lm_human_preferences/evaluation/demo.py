@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import lm_tasks, run, train_policy, train_reward
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training import run, train_policy, train_reward
 from lm_human_preferences.labeling import collect, label_files, mock_labelers
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import distributed, logging, storage
 
 HELD_OUT_SHARE = 4  # collect num_train · (1 + 1/4) records: the last fifth is held out

@@ -3,11 +3,13 @@ print progress until Ctrl-C."""
 
 from pathlib import Path
 
-from lm_human_preferences import experiments, options
-from lm_human_preferences.labeling import app, label_types, questions
-from lm_human_preferences.labeling.queue import LabelQueue
+from lm_human_preferences import experiments
+from lm_human_preferences.cli import options
+from lm_human_preferences.labeling import label_types
+from lm_human_preferences.labeling.app import questions, web
+from lm_human_preferences.labeling.app.queue import LabelQueue
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 
@@ -94,14 +96,14 @@ def serve_command(args: list[str]) -> None:
     out = Path(flags.pop("out"))
     n = options.pop_int(flags, "n", 100, minimum=1)
     seed = options.pop_int(flags, "seed", 0)
-    port = options.pop_int(flags, "port", app.DEFAULT_PORT, minimum=0)
+    port = options.pop_int(flags, "port", web.DEFAULT_PORT, minimum=0)
     overlap = options.pop_float(flags, "overlap", 0.0, positive=False)
     host, token = flags.pop("host", "127.0.0.1"), flags.pop("token", None)
     label_type = label_types.get(flags.pop("type", hp.labels.type))
     questions.count_responses(label_type)
-    text = flags.pop("instructions", None) or app.instructions(experiment, hp.labels.source, label_type)
+    text = flags.pop("instructions", None) or web.instructions(experiment, hp.labels.source, label_type)
     given, policy_name = flags.pop("questions", None), flags.pop("policy", None)
-    app.check_bind(host, token)
+    web.check_bind(host, token)
     for key, value in flags.items():
         if not key.startswith("task."):
             raise UserError(f"unknown option --{key} (see label.py serve --help)")
@@ -111,7 +113,7 @@ def serve_command(args: list[str]) -> None:
     queue = LabelQueue(out, label_type, overlap, seed)
     try:
         _fill(queue, hp, given, policy_name, n, seed)
-        server = app.LabelServer(queue, app.Page(f"{experiment}: {label_type.name}", text), host, port, token)
+        server = web.LabelServer(queue, web.Page(f"{experiment}: {label_type.name}", text), host, port, token)
         server.start()
         print(f"labeling app for {experiment} ({label_type.name}) → {out}\nopen {server.url}\nCtrl-C stops",
               flush=True)

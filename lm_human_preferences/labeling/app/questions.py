@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lm_human_preferences import lm_tasks
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.labeling import collect, label_types
-from lm_human_preferences.policy import Policy
+from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from lm_human_preferences.labeling import label_types, mock_labelers
-from lm_human_preferences.labeling.queue import BadAnswer, Conflict, LabelQueue
+from lm_human_preferences.labeling.app.queue import BadAnswer, Conflict, LabelQueue
 from lm_human_preferences.utils.errors import UserError
 
 STATIC = Path(__file__).resolve().parent / "static"

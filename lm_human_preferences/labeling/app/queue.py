@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_human_preferences.labeling import collect, label_files, label_types, questions
-from lm_human_preferences.labeling.journal import Journal
+from lm_human_preferences.labeling import collect, label_files, label_types
+from lm_human_preferences.labeling.app import questions
+from lm_human_preferences.labeling.app.journal import Journal
 from lm_human_preferences.utils.errors import UserError
 
 RATINGS = range(1, 8)  # scalar_rating: 1 (worst) … 7 (best)

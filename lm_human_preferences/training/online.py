@@ -63,13 +63,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import lm_tasks, resume, stopping, train_reward
-from lm_human_preferences.labeling import app, collect, label_files, label_types, mock_labelers, questions
-from lm_human_preferences.labeling import queue as label_queue
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.training import resume, stopping, train_reward
+from lm_human_preferences.labeling import collect, label_files, label_types, mock_labelers
+from lm_human_preferences.labeling.app import questions, web
+from lm_human_preferences.labeling.app import queue as label_queue
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.policy import Policy
-from lm_human_preferences.rewards import RewardModel
-from lm_human_preferences.run import save_hparams, start_run
+from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task.rewards import RewardModel
+from lm_human_preferences.training.run import save_hparams, start_run
 from lm_human_preferences.utils import distributed, hyperparams, logging, storage
 from lm_human_preferences.utils.errors import Stopped, UserError
 
@@ -138,7 +140,7 @@ def app_port(source: str) -> int | None:
     if name != APP_SOURCE:
         return None
     if not port:
-        return app.DEFAULT_PORT
+        return web.DEFAULT_PORT
     if not port.isdigit() or int(port) > 65535:
         raise UserError(f"labels.source {source}: write app or app:<port>, a port 0..65535 (0: any free one)")
     return int(port)
@@ -452,20 +454,20 @@ def start_people(hp, save_dir: Path | None, progress: Progress, padding_token: i
     label_type = label_types.get(hp.rewards.train_new_model.labels.type)
     queue = label_queue.LabelQueue(save_dir / "app" / LABELS_FILE, label_type, seed=hp.run.seed)
     stack.callback(queue.close)
-    page = app.Page(f"online labels: {label_type.name}", app.instructions("", hp.rewards.train_new_model.labels.source,
+    page = web.Page(f"online labels: {label_type.name}", web.instructions("", hp.rewards.train_new_model.labels.source,
                                                                              label_type))
-    server = app.LabelServer(queue, page, port=port)
-    server.start()
-    stack.callback(server.server_close)
-    stack.callback(server.shutdown)
-    logging.print_main(f"labeling app: open {server.url} (answers so far: {queue.paths['journal.jsonl']})")
-    return PeopleLabeler(queue, padding_token, progress.taken, server.url)
+    label_server = web.LabelServer(queue, page, port=port)
+    label_server.start()
+    stack.callback(label_server.server_close)
+    stack.callback(label_server.shutdown)
+    logging.print_main(f"labeling app: open {label_server.url} (answers so far: {queue.paths['journal.jsonl']})")
+    return PeopleLabeler(queue, padding_token, progress.taken, label_server.url)
 
 
 def train(hp) -> tuple[Policy, dict]:
     """An online train_policy run (see the module doc); returns what `train_policy.train` returns,
     with the summaries of the rounds under "online" and the last round's under "reward_model"."""
-    from lm_human_preferences import train_policy  # it imports this module for OnlineHParams
+    from lm_human_preferences.training import train_policy  # it imports this module for OnlineHParams
 
     device, seed, save_dir = start_run(hp, train_policy.HPARAMS_FILE)
     ppo_state = resume.unfinished_state(save_dir, train_policy.PHASE, "a policy run")

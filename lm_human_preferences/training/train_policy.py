@@ -11,12 +11,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences import lm_tasks, online, resume, rewards, stopping, train_reward
+from lm_human_preferences.task import lm_tasks, rewards
+from lm_human_preferences.training import online, resume, stopping, train_reward
 from lm_human_preferences.labeling import collect
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.online import OnlineHParams
-from lm_human_preferences.policy import Policy
-from lm_human_preferences.run import RunHParams, rank_generator, save_hparams, start_run
+from lm_human_preferences.training.online import OnlineHParams
+from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.training.run import RunHParams, rank_generator, save_hparams, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
