@@ -16,9 +16,14 @@ from lm_human_preferences.utils.errors import UserError
 LABELS = "gs://lm-human-preferences/labels"
 
 
-def books_task() -> lm_tasks.TaskHParams:
-    task = lm_tasks.TaskHParams(query_length=64, query_dataset="books", response_length=24, start_text=".",
-                                end_text=".", truncate_token=13, truncate_after=16)
+def _books_labels(labels: str) -> str:
+    return f"{LABELS}/{labels}/offline_5k.json"
+
+
+def books_task(labels: str) -> lm_tasks.TaskHParams:
+    """Book passages; where they are not served, the queries of the experiment's label file (language/datasets.py)."""
+    task = lm_tasks.TaskHParams(query_length=64, query_dataset=f"books|labels:{_books_labels(labels)}",
+                                response_length=24, start_text=".", end_text=".", truncate_token=13, truncate_after=16)
     task.policy.temperature = 0.7
     task.policy.initial_model = "124M"
     return task
@@ -55,8 +60,8 @@ def _normalized_best_of_4(task: lm_tasks.TaskHParams, **fields) -> train_reward.
 
 
 def _books_reward(labels: str) -> train_reward.HParams:
-    hp = _normalized_best_of_4(books_task(), batch_size=32, rollout_batch_size=512)
-    hp.labels.source = f"{LABELS}/{labels}/offline_5k.json"
+    hp = _normalized_best_of_4(books_task(labels), batch_size=32, rollout_batch_size=512)
+    hp.labels.source = _books_labels(labels)
     hp.labels.num_train = 4992
     hp.run.seed = 1
     return hp
@@ -105,7 +110,7 @@ TRAIN_REWARD: dict[str, Callable[[], train_reward.HParams]] = {
 
 
 def _books_policy(name: str) -> train_policy.HParams:
-    hp = train_policy.HParams(task=books_task())
+    hp = train_policy.HParams(task=books_task(name))
     hp.rewards.kl_coef = 0.15
     hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
     hp.rewards.train_new_model = TRAIN_REWARD[name]()

@@ -31,7 +31,8 @@ def test_dry_run_books_experiments(capsys):
     for name in ("sentiment", "descriptiveness"):
         rm = dry_run(capsys, "train_reward", name)
         assert rm["task"]["query_length"] == 64 and rm["task"]["response_length"] == 24
-        assert rm["task"]["query_dataset"] == "books" and rm["task"]["start_text"] == "." and rm["task"]["end_text"] == "."
+        assert rm["task"]["query_dataset"] == f"books|labels:gs://lm-human-preferences/labels/{name}/offline_5k.json"
+        assert rm["task"]["start_text"] == "." and rm["task"]["end_text"] == "."
         assert rm["task"]["truncate_token"] == 13 and rm["task"]["truncate_after"] == 16
         assert rm["task"]["policy"] == {"temperature": 0.7, "initial_model": "124M"}
         assert rm["labels"] == {"type": "best_of_4", "num_train": 4992,

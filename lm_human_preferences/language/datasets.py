@@ -6,7 +6,12 @@
   - a local path or URL of a `.jsonl` (a JSON string, or an object with a `text` field, per
     line) or `.txt` (one text per line) file of texts;
   - `labels:<label file>`: the distinct queries of a label file, used as they are (they are
-    already cut and padded, so start/end texts are not applied again).
+    already cut and padded, so start/end texts are not applied again);
+  - `books|labels:<label file>` (the books experiments' default): the book passages where they
+    are served (at their URL or a mirror), else the distinct queries of the label file — the
+    passages its labelers saw, sampled from book_passages — split by their order in the file:
+    the 1st, 11th, 21st, ... form the `test` split, the others every other mode's, so test
+    queries never are training queries.
 A text source is a function `(mode, seed) -> iterator of texts`, shuffled by `seed`. Query
 streams repeat forever and are sharded across ranks.
 """
@@ -20,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_human_preferences.language.corpora import books
 from lm_human_preferences.language.corpora.books import books_texts
 from lm_human_preferences.language.corpora.cnndm import cnndm_texts
 from lm_human_preferences.language.corpora.tldr import tldr_texts
 from lm_human_preferences.language.encodings import Encoding
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import logging, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.jsonstream import json_list_items
 
 LABELS_PREFIX = "labels:"
+FALLBACK = "|"  # `books|labels:<label file>`: the label file's queries where book_passages is not served
+TEST_EVERY = 10  # the fallback's test split: every 10th distinct query of the label file
 
 TextSource = Callable[[str, int], Iterator[str]]
 
@@ -105,6 +113,30 @@ def label_queries(source: str, length: int, padding_token: int, n_vocab: int) ->
     return list(seen.values())
 
 
+def books_or_labels(dataset: str, mode: str) -> tuple[str, bool]:
+    """`books|labels:<file>` → ("books", False) where book_passages' `mode` split is served, else
+    ("labels:<file>", True): the label file's queries, split into test and training queries."""
+    primary, _, fallback = dataset.partition(FALLBACK)
+    if primary != "books" or not fallback.startswith(LABELS_PREFIX) or FALLBACK in fallback:
+        raise UserError(f"query dataset {dataset!r}: a fallback must read books{FALLBACK}{LABELS_PREFIX}<label file>")
+    if books.served(mode):
+        return primary, False
+    part = "every 10th of them" if mode == "test" else "all but every 10th, which are the test queries"
+    logging.print_main(f"queries ({mode}): book_passages is not served, so they are the distinct queries of "
+                       f"{fallback[len(LABELS_PREFIX):]} ({part})")
+    return fallback, True
+
+
+def split_queries(queries: list[list[int]], mode: str) -> list[list[int]]:
+    """The fallback's split of a label file's distinct queries (in file order): the 1st, 11th, 21st, ...
+    are the test queries, the others the training queries."""
+    chosen = [q for i, q in enumerate(queries) if (i % TEST_EVERY == 0) == (mode == "test")]
+    if not chosen:
+        raise UserError(f"the label file has {len(queries)} distinct queries: too few for a {mode} split "
+                        f"(every {TEST_EVERY}th is a test query); give --task.query_dataset")
+    return chosen
+
+
 def _single_token(encoding: Encoding, text: str, what: str) -> int:
     tokens = encoding.encode(text)
     if len(tokens) != 1:
@@ -137,8 +169,13 @@ def query_tokens(tokens: list[int], length: int, padding_token: int,
 def _one_pass(dataset: str, encoding: Encoding, length: int, start_text: str | None, end_text: str | None,
               mode: str, seed: int) -> Callable[[], Iterator[list[int] | None]]:
     """A function giving one shuffled pass over the dataset's queries (None for skipped texts)."""
+    split = False
+    if FALLBACK in dataset:
+        dataset, split = books_or_labels(dataset, mode)
     if dataset.startswith(LABELS_PREFIX):
         queries = label_queries(dataset[len(LABELS_PREFIX):], length, encoding.padding_token, encoding.n_vocab)
+        if split:
+            queries = split_queries(queries, mode)
         random.Random(seed).shuffle(queries)
         return lambda: iter(queries)
     texts = get(dataset)

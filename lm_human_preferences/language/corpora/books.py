@@ -3,6 +3,8 @@
 The original's `datasets/book_passages/{train,test}.jsonl` (one JSON string per line) was lost
 when its storage moved: the URLs answer 404. The loader still reads them from wherever they
 are served (or a mirror, LMHP_MIRROR) and says clearly what to use instead when they are gone.
+The books experiments name a fallback (`books|labels:<label file>`, language/datasets.py): the
+queries of their released label file, which were sampled from these passages.
 """
 
 import json
@@ -23,9 +25,14 @@ SUBSTITUTES = (
 )
 
 
+def served(mode: str) -> bool:
+    """Whether the `mode` split of book_passages is served (at its URL or the LMHP_MIRROR mirror)."""
+    return storage.exists(URL.format(mode=mode))
+
+
 def books_texts(mode: str, seed: int) -> Iterator[str]:
     url = URL.format(mode=mode)
-    if not storage.exists(url):
+    if not served(mode):
         raise UserError(f"{url}: not found. {SUBSTITUTES}")
     path = storage.fetch(url)
     with open(path, encoding="utf-8") as f:
