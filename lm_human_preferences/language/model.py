@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lm_human_preferences.utils import hyperparams
 from lm_human_preferences.utils.errors import UserError
@@ -257,6 +258,9 @@ class Model(nn.Module):
         # After freeze(bf16): the output embedding in bf16 (wte itself stays float32 for the lookup).
         self.register_buffer("wte_lowp", None, persistent=False)
         self.frozen_dtype: torch.dtype | None = None
+        # run.gradient_checkpointing: keep only each block's input for the backward pass and
+        # recompute the block there (activation memory of one block instead of all; ~1/3 more compute).
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -390,7 +394,7 @@ class Model(nn.Module):
 
         x = (self.wte(tokens) if embedded is None else embedded) + self.wpe(positions)
         for layer, block in enumerate(self.h):
-            x = block(x, mask, cache, layer)
+            x = self._block(block, x, mask, cache, layer)
         x = self.ln_f(x)
 
         if padded:
@@ -399,6 +403,30 @@ class Model(nn.Module):
         if cache is not None:
             n_real = n_real_before + (real.sum(1) if padded else length)
             cache.advance(real, padded, n_real, x[:, -1].float())
+        return x
+
+    def _block(self, block: Block, x: torch.Tensor, mask: _Mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """One block, checkpointed when gradient checkpointing is on and gradients are recorded.
+
+        A block stores its keys and values in a growing cache (a shared query prefix in training).
+        Recomputed in the backward pass, it must see the cache as it was, so it runs on a
+        one-layer copy holding the layer's earlier keys and values as explicit inputs, and this
+        layer's cache entries are set from its outputs.
+        """
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()) or (cache is not None and cache.capacity):
+            return block(x, mask, cache, layer)  # a preallocated cache is for sampling, without gradients
+        if cache is None:
+            return checkpoint(block, x, mask, None, layer, use_reentrant=False)
+        real, n_real, last_hidden, length, has_padding = cache.real, cache.n_real, cache.last_hidden, cache.length, \
+            cache.has_padding
+
+        def run(x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
+            layer_cache = KVCache([past_k], [past_v], real, n_real, last_hidden, length, None, has_padding)
+            y = block(x, mask, layer_cache, 0)
+            return y, layer_cache.keys[0], layer_cache.values[0]
+
+        x, cache.keys[layer], cache.values[layer] = checkpoint(run, x, cache.keys[layer], cache.values[layer],
+                                                               use_reentrant=False)
         return x
 
     def _outputs(self, x: torch.Tensor, cache: KVCache | None) -> Output:

@@ -4,14 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.language import sample
-from lm_human_preferences.language.encodings import Encoding
+from lm_human_preferences.language import encodings, sample, trained_models
 from lm_human_preferences.language.model import Model
 from lm_human_preferences.utils import core, distributed
 
 
 class Policy:
-    def __init__(self, model: Model, encoding: Encoding, task: lm_tasks.TaskHParams, precision: str = "auto",
+    def __init__(self, model: Model, encoding: encodings.Encoding, task: lm_tasks.TaskHParams, precision: str = "auto",
                  share_queries: bool = True):
         self.model = model
         self.encoding = encoding
@@ -22,9 +21,10 @@ class Policy:
         self._n_params = sum(p.numel() for p in model.parameters())
 
     def configure(self, run, frozen: bool = False) -> "Policy":
-        """Take `run.precision` and `run.share_queries`; a `frozen` policy (never trained, e.g. the
-        reference) stores its model in the compute precision once."""
+        """Take `run.precision`, `run.share_queries` and `run.gradient_checkpointing`; a `frozen` policy
+        (never trained, e.g. the reference) stores its model in the compute precision once."""
         self.precision, self.share_queries = run.precision, run.share_queries
+        self.model.gradient_checkpointing = run.gradient_checkpointing and not frozen
         if frozen:
             self.model.freeze(self.compute_dtype)
         return self
@@ -81,3 +81,11 @@ class Policy:
             with torch.no_grad():
                 result["entropies"] = -(logp.exp() * logp).sum(-1)
         return result
+
+
+def load_policy(model: str, task: lm_tasks.TaskHParams, device: torch.device | str = "cpu",
+                heads: tuple[str, ...] = ()) -> Policy:
+    """A model (a name, save folder or URL: `trained_models.load_initial`) as the policy of `task`.
+    Without heads it only answers (eval mode); with a `value` head it is the one PPO trains."""
+    loaded, encoding_name = trained_models.load_initial(model, heads=heads, device=device)
+    return Policy(loaded if heads else loaded.eval(), encodings.get(encoding_name), task)

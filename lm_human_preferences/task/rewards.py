@@ -29,9 +29,10 @@ class RewardModel(nn.Module):
         self._n_params = sum(p.numel() for p in model.parameters())
 
     def configure(self, run, frozen: bool = False) -> "RewardModel":
-        """Take `run.precision` and `run.share_queries`; a `frozen` reward model (PPO's) stores its
-        LM in the compute precision once (gain and bias stay float32)."""
+        """Take `run.precision`, `run.share_queries` and `run.gradient_checkpointing`; a `frozen` reward
+        model (PPO's) stores its LM in the compute precision once (gain and bias stay float32)."""
         self.precision, self.share_queries = run.precision, run.share_queries
+        self.model.gradient_checkpointing = run.gradient_checkpointing and not frozen
         if frozen:
             self.requires_grad_(False).eval()
             self.model.freeze(self.compute_dtype)

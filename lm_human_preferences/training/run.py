@@ -13,13 +13,15 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from lm_human_preferences.utils import distributed, hyperparams, logging, storage
+from lm_human_preferences.labeling import sources
+from lm_human_preferences.utils import distributed, hyperparams, logging, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
 RANK_SEED_STRIDE = 100003  # rank r draws from seed + r · stride, as the original
@@ -44,6 +46,10 @@ class RunHParams(hyperparams.HParams):
     # A query repeated for several responses (best-of-N labels, N samples per query) runs once;
     # its keys and values serve every response, gradients included.
     share_queries: bool = True
+    # Memory knob: activation checkpointing of the transformer blocks of the trained model (PPO's
+    # policy, the reward model in training): each block's activations are recomputed in the
+    # backward pass instead of kept, for ~1/3 more compute. Gradients equal off's up to float rounding.
+    gradient_checkpointing: bool = False
     overwrite: bool = False  # replace the run already in save_dir instead of resuming or refusing it
 
     def validate(self, _prefix: str = "") -> None:
@@ -87,7 +93,6 @@ def resolve_seed(hp: hyperparams.HParams) -> int:
     return seed
 
 
-LOCK_FILE = ".lock"
 _claimed: set[Path] = set()  # save folders this process holds the lock of (held until it exits)
 
 
@@ -97,7 +102,7 @@ def claim(save_dir: Path) -> None:
     if key in _claimed:
         return
     save_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(save_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(save_dir / save_folders.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -128,7 +133,7 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 def _wipe(save_dir: Path) -> None:
     for path in save_dir.iterdir():
-        if path.name != LOCK_FILE:
+        if path.name != save_folders.LOCK:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
@@ -165,15 +170,43 @@ def save_hparams(hp: hyperparams.HParams, save_dir: Path | None, hparams_file: s
         storage.atomic_write_text(save_dir / hparams_file, hp.to_json())
 
 
-def start_run(hp: hyperparams.HParams, hparams_file: str) -> tuple[torch.device, int, Path | None]:
+def start_run(hp: hyperparams.HParams, hparams_file: str,
+              labels_hp: hyperparams.HParams | None = None) -> tuple[torch.device, int, Path | None]:
     """Validate, claim the save folder, fix the seed (drawn on rank 0 when unset) and print it.
+
+    `labels_hp` are the hparams of the reward model the run trains on a fixed label set (itself in
+    train_reward, `rewards.train_new_model` in an offline train_policy). When its labels.source is a
+    mock labeler, the run collects its labels itself, after the folder is claimed and the seed
+    fixed (`collect_mock_labels`); labels.source then names the file.
 
     Returns (device, seed, save_dir or None). The trainer saves the hparams with `save_hparams`
     once its inputs are read; they hold the seed actually used, so `--run.seed S` replays a run.
     """
     hp.validate()
+    mock_source = None
+    if labels_hp is not None and sources.is_mock(labels_hp.labels.source):
+        mock_source = labels_hp.labels.source
+        if hp.run.save_dir:  # before the save folder compares these hparams with a run it holds
+            labels_hp.labels.source = str(Path(hp.run.save_dir) / save_folders.LABELS)
     prepare_save_dir(hp, hparams_file)
     seed = resolve_seed(hp)
+    if mock_source is not None:
+        collect_mock_labels(labels_hp, mock_source, seed, hp.run.save_dir)
     torch.manual_seed(seed)
     logging.print_main(f"seed {seed} (replay with --run.seed {seed})")
     return distributed.device(), seed, Path(hp.run.save_dir) if hp.run.save_dir else None
+
+
+def collect_mock_labels(labels_hp: hyperparams.HParams, source: str, seed: int, save_dir: str | None) -> None:
+    """Rank 0 collects the labels of a mock `source` into the save folder's labels.json (a
+    temporary folder without one), unless a resumed run has them already; every rank's
+    labels.source then names that file."""
+    path = None
+    if distributed.is_main():
+        path = Path(save_dir) / save_folders.LABELS if save_dir else Path(tempfile.mkdtemp()) / save_folders.LABELS
+        if path.exists():
+            logging.print_main(f"using the labels collected before: {path}")
+        else:
+            sources.collect_mock_labels(labels_hp.task, labels_hp.labels.type, labels_hp.labels.num_train, source,
+                                        path, seed, labels_hp.run.chunk_size)
+    labels_hp.labels.source = distributed.broadcast_object(str(path) if path else None)
