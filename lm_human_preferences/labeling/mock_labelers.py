@@ -7,6 +7,9 @@ human disagreement: P(choose i) ∝ exp(score_i / noise), so noise 0 is a perfec
 
 - `sentiment`: (positive − negative words) by a small hand-written lexicon.
 - `descriptiveness`: adjectives and adverbs (a lexicon, plus -ly/-ful/-ous/-less words).
+- `sentiment_distinct`, `descriptiveness_distinct`: the same, but each distinct word counts
+  once, so repeating a word earns nothing more: a score that saturates where the counting
+  labelers keep rising (for over-optimization studies: bench/paper_findings.py).
 """
 
 import math
@@ -57,14 +60,30 @@ def sentiment(query: str, response: str) -> float:
     return float(sum(w in POSITIVE for w in tokens) - sum(w in NEGATIVE for w in tokens))
 
 
+def _is_descriptive(word: str) -> bool:
+    return word in ADJECTIVES or (word.endswith(_DESCRIPTIVE_SUFFIXES) and len(word) > 4 and word not in _NOT_DESCRIPTIVE)
+
+
 def descriptiveness(query: str, response: str) -> float:
     """Adjectives and adverbs in the response ('holy' counts once, as an adjective)."""
-    return float(sum(w in ADJECTIVES or (w.endswith(_DESCRIPTIVE_SUFFIXES) and len(w) > 4 and w not in _NOT_DESCRIPTIVE)
-                     for w in words(response)))
+    return float(sum(_is_descriptive(w) for w in words(response)))
+
+
+def sentiment_distinct(query: str, response: str) -> float:
+    """Distinct positive minus distinct negative words in the response."""
+    tokens = set(words(response))
+    return float(len(tokens & POSITIVE) - len(tokens & NEGATIVE))
+
+
+def descriptiveness_distinct(query: str, response: str) -> float:
+    """Distinct adjectives and adverbs in the response."""
+    return float(sum(_is_descriptive(w) for w in set(words(response))))
 
 
 Labeler = Callable[[str, str], float]
-LABELERS: dict[str, Labeler] = {"sentiment": sentiment, "descriptiveness": descriptiveness}
+LABELERS: dict[str, Labeler] = {"sentiment": sentiment, "descriptiveness": descriptiveness,
+                                "sentiment_distinct": sentiment_distinct,
+                                "descriptiveness_distinct": descriptiveness_distinct}
 
 
 def get(name: str) -> Labeler:

@@ -1,0 +1,524 @@
+#!/usr/bin/env python3
+"""The paper's findings at demo scale, on the mock labelers: label scaling, the KL trade-off
+(with over-optimization), and online against offline labels at equal KL.
+
+    python bench/paper_findings.py --keep DIR                  # both mock experiments, seeds 0 1 2
+    python bench/paper_findings.py --keep DIR --seeds 0 1 2 3  # more seeds
+    python bench/paper_findings.py --keep DIR --report-only    # tables and plots from the finished runs
+
+Every condition ("cell") is one run of the demo's PPO budget (100 updates of 64 episodes) in a
+fresh process, with one CPU thread (OMP_NUM_THREADS=1), kept in DIR/<cell>: a cell that
+finished there before is measured, not run again, and a cell cut short resumes where it
+stopped; so the grid can be run in pieces. Seed 0 of every cell comes first, then seed 1, ...
+
+The KL controller's horizon is HORIZON episodes for every cell (the experiments' 10,000 lets
+kl_coef move only by a factor 0.88–1.14 in a 6,400-episode run; see the README).
+
+1. Label scaling: a reward model from 256 ... 4096 mock labels, then PPO at KL target 6; and
+   the ceiling: PPO on the labeler's own score (normalized to mean 0, std 1 on the initial
+   policy's samples, as a reward model is), with the same budget and target.
+2. KL trade-off: the 2,048-label reward model of the same seed, PPO at KL targets 1.5 ... 24
+   and with the KL penalty off (kl_coef 0). The labeler's (true) score against the reward
+   model's (proxy) score of the final policy, and the score of a saturating labeler (each
+   distinct word counts once: `<labeler>_distinct`).
+3. Online against offline: the 2,048-label offline run, online (`current`) and online
+   (`normalize_on initial`) at the same target and horizon; and online (`initial`) at the
+   experiments' horizon of 10,000 episodes, which overshoots.
+
+Every finished cell is measured once (DIR/<cell>/findings.json) on the demo's 256 test
+queries with the demo's sampling seed: the labeler's score and win rate (as the demo's
+verdict), the KL of the final policy from the initial one on those samples, and reward-model
+scores. `--report-only` writes the tables (stdout, and DIR/tables.md) and the plots
+(docs/paper_*.png) from whatever cells have finished.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lm_human_preferences.evaluation import demo, report  # noqa: E402
+from lm_human_preferences.labeling import mock_labelers  # noqa: E402
+from lm_human_preferences.language import encodings, trained_models  # noqa: E402
+from lm_human_preferences.task import lm_tasks, rewards  # noqa: E402
+from lm_human_preferences.task.policy import Policy  # noqa: E402
+from lm_human_preferences.training import train_policy  # noqa: E402
+
+EXPERIMENTS = ("mock_sentiment", "mock_descriptiveness")
+HORIZON = 640  # episodes: kl_coef can change by up to e^±2 over 6,400 episodes (1 ± 0.2 · 64/640 per update)
+DEFAULT_HORIZON = 10000  # the experiments' (the paper's) horizon
+TARGET = 6.0  # the demo's KL target: label scaling and online cells
+LABEL_COUNTS = (256, 512, 1024, 2048, 4096)
+SWEEP_LABELS = 2048  # the reward model of the KL sweep, and the offline run of the online comparison
+KL_TARGETS = (1.5, 3.0, 12.0, 24.0)  # and TARGET (the 2,048-label cell) and the penalty off
+DONE_FILE, FAILED_FILE, MEASURED_FILE = "wall_time", "failed", "findings.json"
+DOCS = ROOT / "docs"
+
+
+@dataclass(frozen=True)
+class Cell:
+    experiment: str
+    seed: int
+    kind: str  # labels-N, ceiling, kl-T, kl-off, online-current, online-initial, online-initial-h10000
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}-s{self.seed}-{self.kind}"
+
+    @property
+    def labeler(self) -> str:
+        return self.experiment.removeprefix("mock_")
+
+    def sweep_model(self) -> "Cell":
+        """The cell whose reward model the KL sweep uses (and whose run is the offline run)."""
+        return Cell(self.experiment, self.seed, f"labels-{SWEEP_LABELS}")
+
+
+# -- the grid
+
+
+# One seed's cells, most informative first (the experiments interleaved).
+KINDS = (f"labels-{SWEEP_LABELS}", "ceiling", "labels-256", "labels-4096", "online-initial", "online-current",
+         "kl-off", "kl-1.5", "kl-24.0", "online-initial-h10000", "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
+
+
+def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] = KINDS) -> list[Cell]:
+    """Every seed's cells in KINDS order, seed by seed."""
+    return [Cell(e, seed, k) for seed in seeds for k in KINDS if k in kinds for e in experiments]
+
+
+def launch_flags(cell: Cell, keep: Path) -> list[str]:
+    """The launch.py flags of a cell (all but the ceiling), before the bench's --flags."""
+    flags = ["--save_dir", str(keep), "--run.seed", str(cell.seed)]
+    horizon = ["--rewards.adaptive_kl.horizon", str(HORIZON)]
+    target = ["--rewards.adaptive_kl.target", str(TARGET)]
+    kind = cell.kind
+    if kind.startswith("labels-"):
+        return flags + target + horizon + ["--rewards.train_new_model.labels.num_train", kind.removeprefix("labels-")]
+    if kind.startswith("kl-"):
+        model = ["--rewards.train_new_model", "off", "--rewards.trained_model", str(keep / cell.sweep_model().name)]
+        if kind == "kl-off":
+            return flags + model + ["--rewards.adaptive_kl", "off", "--rewards.kl_coef", "0"]
+        return flags + model + horizon + ["--rewards.adaptive_kl.target", kind.removeprefix("kl-")]
+    if kind.startswith("online-"):
+        online = ["--rewards.online", "on"]
+        if kind.startswith("online-initial"):
+            online += ["--rewards.online.normalize_on", "initial"]
+        return flags + target + ([] if kind.endswith("-h10000") else horizon) + online
+    raise ValueError(f"unknown cell kind {kind}")
+
+
+def command(cell: Cell, keep: Path, extra: list[str]) -> list[str]:
+    if cell.kind == "ceiling":
+        return [sys.executable, str(Path(__file__).resolve()), "--ceiling-run", cell.experiment, str(cell.seed),
+                str(keep), "--flags", *extra]
+    return [sys.executable, str(ROOT / "launch.py"), "train_policy", cell.experiment, cell.name,
+            *launch_flags(cell, keep), *extra]
+
+
+def one_thread_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cell(cell: Cell, keep: Path, extra: list[str]) -> float | None:
+    """Run a cell in a fresh process (its output in DIR/<cell>.log); its wall time, or None if it failed."""
+    folder = keep / cell.name
+    if cell.kind.startswith("kl-") and not (keep / cell.sweep_model().name / DONE_FILE).exists():
+        print(f"{cell.name}: skipped, its reward model ({cell.sweep_model().name}) has not finished", flush=True)
+        return None
+    started = time.time()
+    with open(keep / f"{cell.name}.log", "a") as log:
+        done = subprocess.run(command(cell, keep, extra), stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
+    wall = time.time() - started
+    folder.mkdir(parents=True, exist_ok=True)
+    if done.returncode != 0:
+        (folder / FAILED_FILE).write_text(f"exit status {done.returncode}; see {keep / cell.name}.log\n")
+        print(f"{cell.name}: FAILED after {wall:.0f} s (exit {done.returncode}; log {keep / cell.name}.log)", flush=True)
+        return None
+    (folder / DONE_FILE).write_text(str(wall))
+    (folder / FAILED_FILE).unlink(missing_ok=True)
+    return wall
+
+
+# -- the ceiling: PPO on the labeler's score
+
+
+class LabelerReward:
+    """A reward function: the mock labeler's score of the decoded response, normalized with the
+    mean and std it has on the initial policy's samples (a reward model is normalized so)."""
+
+    def __init__(self, labeler: str, encoding: encodings.Encoding, mean: float, std: float):
+        self.judge, self.encoding, self.mean, self.std = mock_labelers.get(labeler), encoding, mean, std
+
+    def raw(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        decode = self.encoding.decode
+        return torch.tensor([self.judge(decode(q), decode(r)) for q, r in zip(queries.tolist(), responses.tolist())])
+
+    def __call__(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        return ((self.raw(queries, responses) - self.mean) / self.std).to(responses.device)
+
+
+@torch.no_grad()
+def labeler_moments(labeler: str, task: lm_tasks.TaskHParams, n: int, seed: int) -> tuple[float, float]:
+    """Mean and std of the labeler's score of the initial policy's responses to `n` train queries."""
+    policy = demo.initial_policy(task)
+    queries = next(lm_tasks.query_batches(task, policy.encoding, n, device=policy.device))
+    responses = policy.respond(queries, task.response_length, torch.Generator(policy.device).manual_seed(seed))
+    postprocessed = lm_tasks.postprocess_responses(task, responses["responses"], policy.encoding.padding_token)
+    scores = LabelerReward(labeler, policy.encoding, 0.0, 1.0).raw(queries, postprocessed)
+    return scores.mean().item(), scores.std(unbiased=False).item()
+
+
+def ceiling_run(experiment: str, seed: int, keep: Path, extra: list[str]) -> None:
+    """PPO against the labeler itself, with the label-scaling cells' budget, target and horizon."""
+    from lm_human_preferences import experiments
+    from lm_human_preferences.cli import launch, options
+    from lm_human_preferences.utils import distributed
+
+    cell = Cell(experiment, seed, "ceiling")
+    # Validation wants one reward source; the labeler is named there for the record (never loaded:
+    # train() is given the reward function).
+    flags = {"save_dir": str(keep), "run.seed": str(seed), "rewards.adaptive_kl.target": str(TARGET),
+             "rewards.adaptive_kl.horizon": str(HORIZON), "rewards.train_new_model": "off",
+             "rewards.trained_model": f"mock:{cell.labeler} (the labeler's own score)",
+             **options.parse(extra, booleans=set())}
+    hp = launch.resolve("train_policy", experiment, cell.name, flags)
+    samples = experiments.TRAIN_REWARD[experiment]().normalize_samples
+    mean, std = labeler_moments(cell.labeler, hp.task, samples, seed)
+    print(f"the {cell.labeler!r} labeler on {samples} initial samples: mean {mean:.3f}, std {std:.3f}", flush=True)
+    Path(hp.run.save_dir).mkdir(parents=True, exist_ok=True)
+    (Path(hp.run.save_dir) / "ceiling.json").write_text(json.dumps(dict(mean=mean, std=std, samples=samples)))
+    reward_fn = LabelerReward(cell.labeler, encodings.get(trained_models.load_initial(hp.task.policy.initial_model)[1]),
+                              mean, std)
+    train = experiments.train_and_report
+    distributed.run(lambda h: train(lambda hh: train_policy.train(hh, reward_fn), h), (hp,), 1)
+
+
+# -- measuring a finished cell
+
+
+def load_policy(folder: Path, task: lm_tasks.TaskHParams) -> Policy:
+    model, encoding_name = trained_models.load_initial(str(folder))
+    return Policy(model.eval(), encodings.get(encoding_name), task)
+
+
+def ppo_logs(folder: Path) -> dict[str, list[float]]:
+    """Per-update KL and kl_coef of a run, from its TensorBoard logs."""
+    scalars = report.read_scalars(folder / "tb" / "ppo", [], "")
+    out = {}
+    for tag, key in (("objective/kl", "kl"), ("objective/kl_coef", "kl_coef"), ("objective/score", "score")):
+        values = scalars.get(tag, {})
+        out[key] = [values[step] for step in sorted(values)]
+    return out
+
+
+@torch.no_grad()
+def measure_folder(cell: Cell, keep: Path) -> dict:
+    """The final policy judged on the demo's verdict queries and sampling seed (see the module doc)."""
+    folder = keep / cell.name
+    hp = train_policy.HParams.from_json((folder / train_policy.HPARAMS_FILE).read_text())
+    task = hp.task
+    policy, ref = load_policy(folder / train_policy.PHASE, task), demo.initial_policy(task)
+    queries = next(lm_tasks.query_batches(task, policy.encoding, demo.VERDICT_QUERIES, mode="test"))
+    out: dict = {"cell": cell.name, "wall_time": float((folder / DONE_FILE).read_text())}
+    sampled = {}
+    for name, p in (("before", ref), ("after", policy)):
+        rollouts = p.respond(queries, task.response_length, torch.Generator(p.device).manual_seed(cell.seed))
+        sampled[name] = (rollouts, lm_tasks.postprocess_responses(task, rollouts["responses"], p.encoding.padding_token))
+    after_rollouts, after = sampled["after"]
+    ref_logprobs = ref.analyze_responses(queries, after_rollouts["responses"], entropies=False)["logprobs"]
+    out["kl"] = (after_rollouts["logprobs"] - ref_logprobs).sum(1).mean().item()
+    decode = policy.encoding.decode
+    texts = {name: [decode(r) for r in post.tolist()] for name, (_, post) in sampled.items()}
+    query_texts = [decode(q) for q in queries.tolist()]
+    for labeler in (cell.labeler, f"{cell.labeler}_distinct"):
+        judge = mock_labelers.get(labeler)
+        before = [judge(q, r) for q, r in zip(query_texts, texts["before"])]
+        after_scores = [judge(q, r) for q, r in zip(query_texts, texts["after"])]
+        suffix = "" if labeler == cell.labeler else "_distinct"
+        out["score_before" + suffix] = statistics.mean(before)
+        out["score" + suffix] = statistics.mean(after_scores)
+        out["win_rate" + suffix] = statistics.mean(1.0 if a > b else 0.5 if a == b else 0.0
+                                                   for a, b in zip(after_scores, before))
+    out["repeated_words"] = statistics.mean(1 - len(set(mock_labelers.words(t))) / max(1, len(mock_labelers.words(t)))
+                                            for t in texts["after"])
+    models = {key: f for key, f in (("proxy", keep / cell.sweep_model().name), ("own", folder))
+              if (f / "reward_model").exists()}
+    for key, model_folder in models.items():
+        reward_model = rewards.load_trained(str(model_folder)).eval()
+        for name in ("before", "after"):
+            scores = reward_model(queries, sampled[name][1])
+            out[f"{key}_rm_{name}"] = scores.mean().item()
+            out[f"{key}_rm_{name}_std"] = scores.std(unbiased=False).item()
+    mock = folder / "mock_summary.json"
+    if mock.exists():
+        summary = json.loads(mock.read_text())
+        out["heldout_accuracy"] = summary["reward_model_heldout_accuracy"]
+        out["demo_win_rate"], out["demo_final_kl"] = summary["win_rate"], summary["final_kl"]
+    out.update(ppo_logs(folder))
+    return out
+
+
+def measure(cell: Cell, keep: Path) -> dict | None:
+    """The cell's measurements (computed once, then read from DIR/<cell>/findings.json); None if unfinished."""
+    folder = keep / cell.name
+    if not (folder / DONE_FILE).exists():
+        return None
+    path = folder / MEASURED_FILE
+    if not path.exists():
+        path.write_text(json.dumps(measure_folder(cell, keep), indent=1))
+    return json.loads(path.read_text())
+
+
+# -- tables
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """mean (min–max), or the one value, or '–'."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = f"{statistics.mean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+Results = dict[Cell, dict]
+
+
+def of(results: Results, experiment: str, kind: str) -> list[dict]:
+    return [m for c, m in sorted(results.items(), key=lambda cm: cm[0].seed) if c.experiment == experiment and c.kind == kind]
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def label_table(results: Results, experiments: Iterable[str]) -> str:
+    header = ["experiment", "reward", "seeds", "labeler's score after", "win rate", "held-out accuracy", "final KL",
+              "wall s"]
+    rows = []
+    for e in experiments:
+        for kind, title in [(f"labels-{n}", f"{n} labels") for n in LABEL_COUNTS] + [("ceiling", "labeler itself")]:
+            ms = of(results, e, kind)
+            rows.append([f"`{e}`", title, str(len(ms)), spread([m["score"] for m in ms]),
+                         spread([m["win_rate"] for m in ms], 3), spread([m.get("heldout_accuracy") for m in ms], 3),
+                         spread([m["kl"] for m in ms]), spread([m["wall_time"] for m in ms], 0)])
+    return markdown(header, rows)
+
+
+def sweep_kinds() -> list[tuple[str, str]]:
+    targets = sorted((*KL_TARGETS, TARGET))
+    return [("labels-2048" if t == TARGET else f"kl-{t}", f"{t:g}") for t in targets] + [("kl-off", "off")]
+
+
+def kl_table(results: Results, experiments: Iterable[str]) -> str:
+    header = ["experiment", "KL target", "seeds", "final KL", "labeler's score (true)", "reward model's score (proxy)",
+              "distinct-word score", "repeated words", "win rate"]
+    rows = []
+    for e in experiments:
+        for kind, title in sweep_kinds():
+            ms = of(results, e, kind)
+            rows.append([f"`{e}`", title, str(len(ms)), spread([m["kl"] for m in ms]), spread([m["score"] for m in ms]),
+                         spread([m.get("proxy_rm_after") for m in ms]), spread([m["score_distinct"] for m in ms]),
+                         spread([m["repeated_words"] for m in ms]), spread([m["win_rate"] for m in ms], 3)])
+    return markdown(header, rows)
+
+
+ONLINE_KINDS = [(f"labels-{SWEEP_LABELS}", "offline"), ("online-current", "online (`current`)"),
+                ("online-initial", "online (`initial`)"),
+                ("online-initial-h10000", f"online (`initial`), horizon {DEFAULT_HORIZON}")]
+
+
+def online_table(results: Results, experiments: Iterable[str]) -> str:
+    header = ["experiment", "mode", "seeds", "final KL (target 6)", "final kl_coef", "win rate", "labeler's score",
+              "held-out accuracy", "own reward model's spread on final samples"]
+    rows = []
+    for e in experiments:
+        for kind, title in ONLINE_KINDS:
+            ms = of(results, e, kind)
+            rows.append([f"`{e}`", title, str(len(ms)), spread([m["kl"] for m in ms]),
+                         spread([m["kl_coef"][-1] for m in ms if m["kl_coef"]], 3), spread([m["win_rate"] for m in ms], 3),
+                         spread([m["score"] for m in ms]), spread([m.get("heldout_accuracy") for m in ms], 3),
+                         spread([m.get("own_rm_after_std") for m in ms])])
+    return markdown(header, rows)
+
+
+# -- plots
+
+
+def band(ax, xs: list[float], groups: list[list[float]], label: str, color: str, marker: str = "o") -> None:
+    """Mean line with a min–max band over seeds, at the xs that have values."""
+    points = [(x, g) for x, g in zip(xs, groups) if g]
+    if not points:
+        return
+    x = [p[0] for p in points]
+    ax.plot(x, [statistics.mean(g) for _, g in points], marker=marker, color=color, label=label)
+    ax.fill_between(x, [min(g) for _, g in points], [max(g) for _, g in points], color=color, alpha=0.2)
+
+
+def errorbars(ax, xs: list[list[float]], ys: list[list[float]], labels: list[str], colors: list[str]) -> None:
+    """One point per condition at the means, with min–max bars on both axes."""
+    for x, y, label, color in zip(xs, ys, labels, colors):
+        if not x:
+            continue
+        mx, my = statistics.mean(x), statistics.mean(y)
+        ax.errorbar([mx], [my], xerr=[[mx - min(x)], [max(x) - mx]], yerr=[[my - min(y)], [max(y) - my]], fmt="o",
+                    color=color, label=label, capsize=3)
+
+
+def figure(n: int):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
+    plt, fig, axes = figure(len(experiments))
+    for ax, e in zip(axes, experiments):
+        groups = [[m["score"] for m in of(results, e, f"labels-{n}")] for n in LABEL_COUNTS]
+        band(ax, list(LABEL_COUNTS), groups, "reward model from N labels", "C0")
+        ceiling = [m["score"] for m in of(results, e, "ceiling")]
+        if ceiling:
+            ax.axhline(statistics.mean(ceiling), color="C3", label="PPO on the labeler's score")
+            ax.axhspan(min(ceiling), max(ceiling), color="C3", alpha=0.15)
+        before = [m["score_before"] for ms in ([m for m in of(results, e, f"labels-{n}")] for n in LABEL_COUNTS)
+                  for m in ms]
+        if before:
+            ax.axhline(statistics.mean(before), color="grey", linestyle=":", label="initial policy")
+        ax.set(xscale="log", xlabel="training labels", ylabel="labeler's score after PPO (KL target 6)", title=e)
+        ax.set_xticks(list(LABEL_COUNTS), [str(n) for n in LABEL_COUNTS])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kl(results: Results, experiments: list[str], path: Path) -> None:
+    plt, fig, axes = figure(len(experiments))
+    for ax, e in zip(axes, experiments):
+        per = [of(results, e, kind) for kind, _ in sweep_kinds()]
+        xs = [statistics.mean([m["kl"] for m in ms]) if ms else None for ms in per]
+        have = [(x, ms) for x, ms in zip(xs, per) if ms]
+        for key, label, color in (("score", "labeler's score (true)", "C0"),
+                                  ("proxy_rm_after", "reward model's score (proxy)", "C1"),
+                                  ("score_distinct", "distinct-word score (saturating)", "C2")):
+            points = [(x, [m for m in ms if m.get(key) is not None]) for x, ms in have]
+            band(ax, [x for x, _ in points], [[m[key] for m in ms] for _, ms in points], label, color)
+            for _, ms in points:
+                ax.scatter([m["kl"] for m in ms], [m[key] for m in ms], color=color, s=8, alpha=0.6)
+        ax.set(xscale="log", xlabel="final KL from the initial policy (nats)", ylabel="score of the final policy",
+               title=f"{e}: KL targets {', '.join(t for _, t in sweep_kinds())}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_online(results: Results, experiments: list[str], path: Path) -> None:
+    plt, fig, axes = figure(len(experiments) + 1)
+    colors = ["C0", "C1", "C2", "C3"]
+    for ax, e in zip(axes, experiments):
+        per = [of(results, e, kind) for kind, _ in ONLINE_KINDS]
+        errorbars(ax, [[m["kl"] for m in ms] for ms in per], [[m["win_rate"] for m in ms] for ms in per],
+                  [t.replace("`", "") for _, t in ONLINE_KINDS], colors)
+        ax.axvspan(TARGET * 0.9, TARGET * 1.1, color="grey", alpha=0.15, label="target 6 ± 10%")
+        ax.set(xlabel="final KL (nats)", ylabel="win rate against the initial policy", title=e)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    for (kind, title), color in zip(ONLINE_KINDS, colors):
+        for e, style in zip(experiments, ("-", "--")):
+            for i, m in enumerate(of(results, e, kind)[:1]):
+                ax.plot(range(len(m["kl"])), m["kl"], style, color=color, alpha=0.8,
+                        label=f"{title.replace('`', '')}, {e.removeprefix('mock_')}")
+    ax.axhline(TARGET, color="grey", linestyle=":")
+    ax.set(xlabel="PPO update", ylabel="KL of the update's batch", title="KL during PPO (seed 0)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path) -> None:
+    results: Results = {}
+    for cell in cells:
+        m = measure(cell, keep)
+        if m is not None:
+            results[cell] = m
+    missing = [c.name for c in cells if c not in results]
+    text = "\n\n".join([
+        f"Kept in {keep}; {len(results)} of {len(results) + len(missing)} cells finished.",
+        "### Label scaling\n\n" + label_table(results, experiments),
+        "### KL trade-off\n\n" + kl_table(results, experiments),
+        "### Online against offline\n\n" + online_table(results, experiments),
+        "Missing cells: " + (", ".join(missing) or "none")])
+    print(text)
+    (keep / "tables.md").write_text(text + "\n")
+    docs.mkdir(parents=True, exist_ok=True)
+    plot_labels(results, experiments, docs / "paper_label_scaling.png")
+    plot_kl(results, experiments, docs / "paper_kl_tradeoff.png")
+    plot_online(results, experiments, docs / "paper_online_kl.png")
+    print(f"plots: {', '.join(str(docs / n) for n in ('paper_label_scaling.png', 'paper_kl_tradeoff.png', 'paper_online_kl.png'))}")
+
+
+# -- main
+
+
+def run_grid(keep: Path, cells: list[Cell], extra: list[str]) -> None:
+    walls = [float((keep / c.name / DONE_FILE).read_text()) for c in cells if (keep / c.name / DONE_FILE).exists()]
+    todo = [c for c in cells if not (keep / c.name / DONE_FILE).exists()]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells finished before; {len(todo)} to run", flush=True)
+    for i, cell in enumerate(todo):
+        print(f"{time.strftime('%H:%M:%S')} {cell.name}: running", flush=True)
+        wall = run_cell(cell, keep, extra)
+        if wall is None:
+            continue
+        walls.append(wall)
+        left = len(todo) - i - 1
+        m = measure(cell, keep)
+        print(f"{cell.name}: {wall:.0f} s; score {m['score_before']:.2f} → {m['score']:.2f}, win rate "
+              f"{m['win_rate']:.3f}, KL {m['kl']:.2f}; {left} cells left, about {left * statistics.mean(walls) / 60:.0f} "
+              f"min at {statistics.mean(walls):.0f} s a cell", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=Path, help="the runs' folder: finished cells there are measured, not run again")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="only these cells")
+    parser.add_argument("--report-only", action="store_true", help="only the tables and plots of the finished cells")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where the plots go (default: docs/)")
+    parser.add_argument("--ceiling-run", nargs=3, metavar=("EXPERIMENT", "SEED", "KEEP"), help=argparse.SUPPRESS)
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="extra launch.py flags for every run (e.g. a shorter PPO to try the bench out)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.ceiling_run:
+        experiment, seed, keep = args.ceiling_run
+        ceiling_run(experiment, int(seed), Path(keep), args.flags)
+        return
+    if args.keep is None:
+        parser.error("--keep DIR is required (the runs are kept there)")
+    args.keep.mkdir(parents=True, exist_ok=True)
+    cells = grid(args.seeds, args.experiments, args.kinds)
+    if not args.report_only:
+        run_grid(args.keep, cells, args.flags)
+    report_all(args.keep, cells, args.experiments, args.docs)
+
+
+if __name__ == "__main__":
+    main()
