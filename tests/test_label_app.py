@@ -5,6 +5,8 @@ import json
 import os
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -107,6 +109,18 @@ def expected_records(queue: LabelQueue, answers: list[tuple[int, int]]) -> list[
     return [collect.record(queue.items[qid].question, label) for qid, label in answers]
 
 
+def stored_events(out: Path) -> list[tuple]:
+    """(kind, question) of every event in the app's database, in order."""
+    with sqlite3.connect(out.with_name(out.name + ".sqlite")) as db:
+        return db.execute("SELECT kind, question FROM events ORDER BY seq").fetchall()
+
+
+def written(queue: LabelQueue) -> list[dict]:
+    """The label file once the queue wrote what it holds (it does so within seconds by itself)."""
+    queue.flush()
+    return json.loads(queue.out.read_text())
+
+
 def test_label_skip_undo_and_the_file(tmp_path):
     out = tmp_path / "labels.json"
     with serving(new_queue(out)) as server:
@@ -123,7 +137,7 @@ def test_label_skip_undo_and_the_file(tmp_path):
         client.label(3)
         status, state = client.post("/api/undo", {})  # takes back the 3 on question 2
         assert status == 200 and state["question"]["id"] == 2
-        assert json.loads(out.read_text()) == expected_records(queue, [(0, 1)])  # undone on disk at once
+        assert written(queue) == expected_records(queue, [(0, 1)])  # the undo is in the file too
         client.label(0)
         status, state = client.post("/api/undo", {})
         status, state = client.post("/api/undo", {})  # and the skip of question 1
@@ -132,7 +146,7 @@ def test_label_skip_undo_and_the_file(tmp_path):
         client.label(2)  # question 2 again
         assert client.state()["question"]["id"] == 3
         answers = [(0, 1), (1, 2), (2, 2)]
-        assert json.loads(out.read_text()) == expected_records(queue, answers)
+        assert written(queue) == expected_records(queue, answers)
         assert state["progress"]["questions"] == 6
 
     labels = load_for_training(out)
@@ -144,9 +158,8 @@ def test_label_skip_undo_and_the_file(tmp_path):
             assert labels.columns[f"sample{k}"][i].tolist() == question.responses[k]
         assert labels.columns["best"][i] == label
     assert labels.columns["best"].dtype == np.int64
-    events = [json.loads(line) for line in (tmp_path / "labels.json.journal.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["answer", "answer", "answer", "undo", "answer", "undo", "undo",
-                                            "answer", "answer"]
+    assert [kind for kind, _ in stored_events(out)] == ["answer", "answer", "answer", "undo", "answer", "undo", "undo",
+                                                        "answer", "answer"]
 
 
 def test_restart_goes_on_where_it_stopped(tmp_path):
@@ -157,9 +170,7 @@ def test_restart_goes_on_where_it_stopped(tmp_path):
             first.label(label)
         assert other.state()["question"]["id"] == 4  # 3 is with the first labeler
         cookies = list(first.jar)
-        prepared = server.queue.items
-    with open(tmp_path / "labels.json.journal.jsonl", "a") as journal:
-        journal.write('{"seq": 3, "event": "ans')  # a write cut short by a crash
+        prepared = list(server.queue.items)
 
     with serving(new_queue(out)) as server:
         assert server.queue.items == prepared  # the same questions, not sampled again
@@ -179,9 +190,7 @@ def test_restart_goes_on_where_it_stopped(tmp_path):
         assert again.state()["progress"]["complete"] == 5
     labels = load_for_training(out)
     assert labels.columns["best"].tolist() == [0, 1, 2, 3, 0]
-    assert [json.loads(line)["id"] for line in (tmp_path / "labels.json.journal.jsonl").read_text().splitlines()] \
-        == [0, 1, 2, 4, 3]
-    assert (tmp_path / "labels.json.journal.jsonl").read_text().endswith("}\n")
+    assert [qid for _, qid in stored_events(out)] == [0, 1, 2, 4, 3]
 
 
 def test_two_labelers_overlap_and_their_agreement(tmp_path):
@@ -195,8 +204,12 @@ def test_two_labelers_overlap_and_their_agreement(tmp_path):
             b.label(pick_b)
         assert a.state()["question"] is None
         agreement = a.get("/api/agreement")
-        assert agreement == dict(doubly_labelled=4, agreed=3, rate=0.75, rule="same best response")
-        assert a.state()["agreement"]["rate"] == 0.75
+        # by hand: first labels 0,1,2,3 (a quarter each), second 0,1,0,3 (½, ¼, 0, ¼): chance ¼·½ + ¼·¼ + ¼·¼ = ¼
+        assert agreement == dict(doubly_labelled=4, agreed=3, rate=0.75, rule="same best response", chance=0.25,
+                                 kappa=pytest.approx(2 / 3),
+                                 labelers=[dict(labeler=n, labelled=4, skipped=0, doubly_labelled=4, agreed=3,
+                                                rate=0.75) for n in (1, 2)])
+        assert a.state()["agreement"]["rate"] == 0.75 and a.state()["progress"]["labeler"] == 1
         queue = server.queue
     assert json.loads(out.read_text()) == expected_records(queue, list(enumerate(picks_a)))
     assert json.loads((tmp_path / "labels.json.overlap.json").read_text()) == \
@@ -232,8 +245,13 @@ def test_scalar_rating(tmp_path):
         for rating_a, rating_b in ((7, 7), (1, 2), (4, 6), (5, 5)):
             a.label(rating_a)
             b.label(rating_b)
-        assert a.get("/api/agreement") == dict(doubly_labelled=4, agreed=2, rate=0.5, rule="same score",
-                                               within_one_rate=0.75)
+        agreement = a.get("/api/agreement")
+        # by hand: first ratings 7,1,4,5 and second 7,2,6,5 (a quarter each); equal by chance: (7,7), (5,5):
+        # 2/16; within one by chance: (7,7) (7,6) (1,2) (4,5) (5,5) (5,6): 6/16
+        assert {k: v for k, v in agreement.items() if k != "labelers"} == dict(
+            doubly_labelled=4, agreed=2, rate=0.5, rule="same score", chance=0.125, kappa=pytest.approx(3 / 7),
+            within_one_rate=0.75, within_one_chance=0.375, within_one_kappa=pytest.approx(0.6))
+        assert [r["within_one_rate"] for r in agreement["labelers"]] == [0.75, 0.75]
         queue = server.queue
     records = json.loads(out.read_text())
     assert records[1] == {"query": queue.items[1].question.query, "sample": queue.items[1].question.responses[0],

@@ -1,6 +1,13 @@
 """`label.py serve`: the labeling app's command line — prepare the questions, serve the page,
-print progress until Ctrl-C."""
+print progress until Ctrl-C or SIGTERM.
 
+The command installs its own handlers of SIGINT and SIGTERM (so it also stops when started
+with SIGINT ignored, as `&` in a script does): either stops the server, writes the label files
+and prints the summary, however many browsers are connected.
+"""
+
+import signal
+import threading
 from pathlib import Path
 
 from lm_human_preferences import experiments
@@ -19,9 +26,10 @@ usage: label.py serve EXPERIMENT --out FILE [--n N] [--type best_of_4|scalar_rat
                       [--instructions TEXT] [--<task.hparam> VALUE ...]
 
 Serve a web page on which people label the policy's samples. The train_reward EXPERIMENT
-gives the task and the label type. Labels go to FILE in the released schema as soon as they
-are given; FILE.questions.json keeps the questions and FILE.journal.jsonl every answer, so a
-restart with the same --out goes on where it stopped. Ctrl-C stops.
+gives the task and the label type. Every answer is in FILE.sqlite before it is confirmed;
+FILE gets the labels in the released schema within seconds and at the stop, FILE.questions.json
+the questions, so a restart with the same --out goes on where it stopped (an earlier version's
+FILE.journal.jsonl is migrated). Ctrl-C (or SIGTERM) stops.
 
 options:
   --out FILE          the label file to write
@@ -40,6 +48,9 @@ options:
 """
 
 
+STOP_POLL_S = 0.25  # how often the progress loop looks for a stop request
+
+
 def progress_line(queue: LabelQueue) -> str:
     p, a = queue.progress(), queue.agreement()
     line = f"labelled {p['labelled']}/{p['questions']} questions, skipped {p['skipped']}"
@@ -48,25 +59,40 @@ def progress_line(queue: LabelQueue) -> str:
     return line
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def agreement_text(a: dict) -> str:
     if not a["doubly_labelled"]:
         return "none yet (no question labelled twice)"
-    text = f"{a['rate']:.2f} ({a['agreed']}/{a['doubly_labelled']} {a['rule']}"
+    text = (f"{a['rate']:.2f} ({a['agreed']}/{a['doubly_labelled']} {a['rule']}; chance {_number(a['chance'])}, "
+            f"kappa {_number(a['kappa'])}")
     if "within_one_rate" in a:
-        text += f"; within one point {a['within_one_rate']:.2f}"
+        text += f"; within one point {a['within_one_rate']:.2f}, kappa {_number(a['within_one_kappa'])}"
     return text + ")"
+
+
+def labelers_text(a: dict) -> str:
+    """Each labeler's counts and agreement with the other labeler of their doubly-labelled questions."""
+    rows = []
+    for r in a["labelers"]:
+        row = f"labeler {r['labeler']}: {r['labelled']} labelled, {r['skipped']} skipped"
+        if r["doubly_labelled"]:
+            row += f", agreed on {r['agreed']}/{r['doubly_labelled']} ({r['rate']:.2f})"
+        rows.append(row)
+    return "; ".join(rows)
 
 
 def _fill(queue: LabelQueue, hp, given: str | None, policy_name: str | None, n: int, seed: int) -> None:
     """Give an empty queue its questions: from the file `given`, else sampled from the policy."""
     n_responses = questions.count_responses(queue.label_type)
     if queue.items:
-        print(f"{len(queue.items)} questions from {queue.paths['questions.json']}; answers so far from "
-              f"{queue.paths['journal.jsonl']}")
+        print(f"{len(queue.items)} questions and the answers so far from {queue.paths['sqlite']}")
         items = questions.load(Path(given))[1] if given else None
         if items is not None and items != queue.items:
-            raise UserError(f"--questions {given} differs from {queue.paths['questions.json']}, which this label "
-                            "file was started with; choose another --out")
+            raise UserError(f"--questions {given} differs from the questions in {queue.paths['sqlite']}, which "
+                            "this label file was started with; choose another --out")
         return
     if given:
         type_name, items = questions.load(Path(given))
@@ -110,32 +136,55 @@ def serve_command(args: list[str]) -> None:
         hp.override_from_str(key, value)
     hp.task.validate("task.")
 
-    queue = LabelQueue(out, label_type, overlap, seed)
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _fill(queue, hp, given, policy_name, n, seed)
-        server = web.LabelServer(queue, web.Page(f"{experiment}: {label_type.name}", text), host, port, token)
+        _serve(LabelQueue(out, label_type, overlap, seed), hp, (given, policy_name, n, seed),
+               web.Page(f"{experiment}: {label_type.name}", text), (host, port, token), stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class _Stop(threading.Event):
+    """Set by SIGINT or SIGTERM once the server runs; before (while sampling), they interrupt."""
+
+    serving = False
+
+    def handle(self, signum, frame) -> None:
+        if not self.serving:
+            raise KeyboardInterrupt
+        self.set()
+
+
+def _serve(queue: LabelQueue, hp, fill: tuple, page: web.Page, bind: tuple, stop: _Stop) -> None:
+    """Fill the queue, serve it until `stop` is set, then close everything and print the summary."""
+    try:
+        _fill(queue, hp, *fill)
+        stop.serving = True
+        server = web.LabelServer(queue, page, *bind)
         server.start()
-        print(f"labeling app for {experiment} ({label_type.name}) → {out}\nopen {server.url}\nCtrl-C stops",
-              flush=True)
         try:
-            _report_progress(queue)
-        except KeyboardInterrupt:
-            pass
-        server.shutdown()
-        server.server_close()
+            print(f"labeling app for {page.title} → {queue.out}\nopen {server.url}\nCtrl-C stops", flush=True)
+            _report_progress(queue, stop)
+        finally:
+            server.shutdown()
+            server.server_close()
     finally:
         queue.close()
-    print(f"\nstopped: {progress_line(queue)}; labels in {out}")
+    print(f"\nstopped: {progress_line(queue)}; labels in {queue.out}", flush=True)
     if queue.overlap > 0:
-        print(f"agreement of doubly-labelled questions: {agreement_text(queue.agreement())}; second labels in "
+        agreement = queue.agreement()
+        print(f"agreement of doubly-labelled questions: {agreement_text(agreement)}; second labels in "
               f"{queue.paths['overlap.json']}")
+        print(f"per labeler: {labelers_text(agreement)}", flush=True)
 
 
-def _report_progress(queue: LabelQueue) -> None:
-    """Print a line whenever the progress changes, until Ctrl-C."""
+def _report_progress(queue: LabelQueue, stop: threading.Event) -> None:
+    """Print a line whenever the progress changes, until `stop` is set."""
     version, last = -1, ""
-    while True:
-        version = queue.wait_for_change(version, timeout=1.0)
+    while not stop.is_set():
+        version = queue.wait_for_change(version, timeout=STOP_POLL_S)
         line = progress_line(queue)
         if line != last:
             print(line, flush=True)

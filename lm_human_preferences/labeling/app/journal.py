@@ -1,52 +1,50 @@
-"""An append-only journal of JSON events, one a line, each on disk before `append` returns.
+"""Reading the journal of an earlier version of the labeling app, to migrate it once.
 
-The labeling app keeps every answer, skip and undo here first; the label file is then folded
-from it. A crash can only leave the last line half written: reading drops such a line (and
-cuts it off the file, so later lines start clean); any other unreadable line is an error.
+That version kept every answer, skip and undo in FILE.journal.jsonl, one JSON event a line,
+each appended and fsynced before it was confirmed; its database (store.py) holds them now. A
+crash can only have left the last line half written: reading drops such a line; any other
+unreadable line is an error. Events are checked for the keys and types replaying them needs.
 """
 
 import json
-import os
 from pathlib import Path
 
 from lm_human_preferences.utils.errors import UserError
 
+_KEYS = {"answer": {"seq": int, "id": int, "session": str}, "undo": {"seq": int, "undo": int, "session": str}}
 
-class Journal:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.events = self._read()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
 
-    def _read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        complete, torn = lines[:-1], lines[-1]
-        if torn:  # no newline after the last event: it was being written when the process stopped
-            with open(self.path, "r+b") as f:
-                f.truncate(len(data) - len(torn))
-                f.flush()
-                os.fsync(f.fileno())
-        events = []
-        for number, line in enumerate(complete, 1):
-            try:
-                event = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{self.path}: line {number} is not a JSON event ({e}); the journal was edited "
-                                "or damaged") from None
-            if not isinstance(event, dict):
-                raise UserError(f"{self.path}: line {number} is not a JSON object")
-            events.append(event)
-        return events
+def read(path: Path) -> list[dict]:
+    """The complete events of the journal at `path`, in order."""
+    lines = Path(path).read_bytes().split(b"\n")[:-1]  # the part after the last newline was cut short
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            event = json.loads(line)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{path}: line {number} is not a JSON event ({e}); the journal was edited "
+                            "or damaged") from None
+        problem = _problem(event, len(events))
+        if problem:
+            raise UserError(f"{path}: line {number} {problem}; the journal was edited or damaged")
+        events.append(event)
+    return events
 
-    def append(self, event: dict) -> None:
-        self._file.write(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.events.append(event)
 
-    def close(self) -> None:
-        self._file.close()
+def _problem(event, seq: int) -> str | None:
+    if not isinstance(event, dict):
+        return "is not a JSON object"
+    keys = _KEYS.get(event.get("event"))
+    if keys is None:
+        return f"is an unknown event {event.get('event')!r}"
+    for key, kind in keys.items():
+        if type(event.get(key)) is not kind:
+            return f"lacks {key!r} (a {kind.__name__})"
+    if event["seq"] != seq:
+        return f"is event {event['seq']}, not {seq}"
+    label = event.get("label")
+    if event["event"] == "answer" and label is not None and type(label) is not int:
+        return "has a label that is not an integer"
+    if not isinstance(event.get("time", 0.0), (int, float)):
+        return "has a time that is not a number"
+    return None

@@ -70,7 +70,8 @@ def _token_list(value, what: str) -> list[int]:
     return value
 
 
-def _item(entry, index: int, source: str) -> Item:
+def parse_item(entry, index: int, source: str) -> Item:
+    """Question `index` of a questions file (checked: a UserError names what is wrong)."""
     where = f"{source}: question {index}"
     if not isinstance(entry, dict):
         raise UserError(f"{where} is not an object")
@@ -97,12 +98,12 @@ def load(path: Path) -> tuple[str, list[Item]]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such questions file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: also an integer too long to read
         raise UserError(f"{path}: not a JSON questions file ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list) \
             or not isinstance(data.get("label_type"), str):
         raise UserError(f'{path}: a questions file is an object {{"label_type": ..., "questions": [...]}}')
-    return data["label_type"], [_item(entry, i, str(path)) for i, entry in enumerate(data["questions"])]
+    return data["label_type"], [parse_item(entry, i, str(path)) for i, entry in enumerate(data["questions"])]
 
 
 def check(items: list[Item], n_responses: int, query_length: int, response_length: int, source: str) -> None:

@@ -6,12 +6,15 @@
     POST /api/label      {"id": question id, "label": response index 0..N-1, or rating 1..7}
     POST /api/skip       {"id": question id}
     POST /api/undo       {}
-    GET  /api/agreement  the agreement of doubly-labelled questions
+    GET  /api/agreement  the agreement of doubly-labelled questions: raw, by chance, kappa, per labeler
 
 Each browser gets a session cookie, which is the labeler's identity. By default the server
-binds 127.0.0.1; any other host needs a token, which every request must carry (in the URL's
-`?token=`, after which a cookie keeps it, or the X-Token header). Errors are JSON
-`{"error": reason}` with a 4xx status.
+binds 127.0.0.1 and answers only requests whose Host header names it (the bound address,
+localhost or 127.0.0.1, with the port): a web page whose name was rebound to 127.0.0.1 (DNS
+rebinding) gets 403, not the questions. Any other host needs a token, which every request
+must carry (in the URL's `?token=`, after which a cookie keeps it, or the X-Token header);
+such a server answers any Host. Errors are JSON `{"error": reason}` with a 4xx status (503
+while the app stops).
 """
 
 import hmac
@@ -30,7 +33,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from lm_human_preferences.labeling import label_types, mock_labelers
-from lm_human_preferences.labeling.app.queue import BadAnswer, Conflict, LabelQueue
+from lm_human_preferences.labeling.app.queue import BadAnswer, Closed, Conflict, LabelQueue
 from lm_human_preferences.utils.errors import UserError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -113,6 +116,13 @@ class LabelServer(http.server.ThreadingHTTPServer):
         except OSError as e:
             raise UserError(f"cannot serve on {host}:{port} ({e.strerror}); choose another --port (0: any free one)") \
                 from None
+        self.allowed_hosts = None if token and not is_loopback(host) else self._local_hosts()
+
+    def _local_hosts(self) -> set[str]:
+        """The Host headers of requests for this server: its address, localhost or 127.0.0.1, with the port."""
+        host, port = self.server_address[:2]
+        names = {f"[{n}]" if ":" in n else n for n in (host, "localhost", "127.0.0.1")}
+        return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
 
     @property
     def url(self) -> str:
@@ -129,6 +139,7 @@ class LabelServer(http.server.ThreadingHTTPServer):
 class Handler(http.server.BaseHTTPRequestHandler):
     server: LabelServer
     server_version = "lmhp-label"
+    timeout = 60  # a client that stops sending mid-request does not hold its thread for ever
 
     def log_message(self, format, *args):  # progress is printed by the command, not per request
         pass
@@ -159,6 +170,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._cookies_out: list[str] = []
         try:
             url = urlsplit(self.path)
+            self._check_host()
             self._check_token(parse_qs(url.query).get("token", [None])[0])
             self._route(method, url.path)
         except HTTPError as e:
@@ -167,7 +179,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(400, {"error": str(e)})
         except Conflict as e:
             self._send_json(409, {"error": str(e)})
-        except ConnectionError:  # the browser went away
+        except Closed as e:
+            self._send_json(503, {"error": str(e)})
+        except (ConnectionError, TimeoutError):  # the browser went away, or stopped sending
             pass
         except Exception as e:  # the labeler sees a reason; the operator the traceback
             traceback.print_exc(file=sys.stderr)
@@ -185,6 +199,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _set_cookie(self, name: str, value: str) -> None:
         # Lax: a link opened from elsewhere keeps the labeler's session; other sites' POSTs carry no cookie
         self._cookies_out.append(f"{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000")
+
+    def _check_host(self) -> None:
+        allowed = self.server.allowed_hosts
+        if allowed is not None and self.headers.get("Host", "").lower() not in allowed:
+            raise HTTPError(403, "this server answers requests for this machine only: open the address it printed "
+                                 "(a page of another site that reaches it through a rebound name gets nothing)")
 
     def _check_token(self, from_url: str | None) -> None:
         token = self.server.token

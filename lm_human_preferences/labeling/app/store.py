@@ -1,0 +1,145 @@
+"""The labeling app's durable record: one SQLite database (FILE.sqlite) of questions and events.
+
+Tables:
+    meta       key → value: the label type, what was migrated, what the label file last held
+    questions  id → the question as the questions file holds it (JSON), and its label record
+               in the released schema up to its label (`record` + the label + "}" is the record)
+    events     seq → an answer (kind "answer": question, session, label or NULL for a skip) or
+               an undo (kind "undo": session, undo = the seq of the answer taken back)
+
+The database is in WAL mode with `synchronous=FULL`: every `append` is one transaction, on
+disk before it returns, at a cost that does not grow with the number of answers; a killed
+process loses nothing committed. The label files are derived from it (queue.py writes them).
+"""
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lm_human_preferences.labeling.app import questions
+from lm_human_preferences.utils.errors import UserError
+
+SCHEMA_VERSION = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS questions (id INTEGER PRIMARY KEY, item TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, question INTEGER,
+                                   session TEXT NOT NULL, label INTEGER, undo INTEGER, time REAL NOT NULL);
+"""
+
+
+def item_json(item: questions.Item) -> str:
+    q = item.question
+    return json.dumps(dict(query=q.query, responses=q.responses, query_text=q.query_text,
+                           response_texts=q.response_texts, ended=item.ended), ensure_ascii=False)
+
+
+def item_from_json(text: str, qid: int, source: str) -> questions.Item:
+    return questions.parse_item(json.loads(text), qid, source)
+
+
+class Store:
+    """One connection to FILE.sqlite. Not thread-safe: each thread opens its own (`reader`)."""
+
+    def __init__(self, path: Path, label_type_name: str, create: bool = True):
+        self.path, self.label_type_name = Path(path), label_type_name
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            if create:
+                self.db.executescript(_SCHEMA)
+            stored = self.meta("label_type")
+            if stored is None and create:
+                self.set_meta(label_type=label_type_name, schema=SCHEMA_VERSION)
+            elif stored != label_type_name:
+                raise UserError(f"{self.path} holds {stored} labels, not {label_type_name}; choose another --out")
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path}: not a labeling app database ({e}); it was damaged or is another file; "
+                            "choose another --out") from None
+
+    def reader(self) -> "Store":
+        """Another connection to the same database, for another thread."""
+        return Store(self.path, self.label_type_name, create=False)
+
+    # -- meta
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, **values: str) -> None:
+        with self.transaction():
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+
+    # -- writing
+
+    def transaction(self):
+        """`with store.transaction():` one transaction (committed at the end, rolled back on error)."""
+        return _Transaction(self.db)
+
+    def add_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
+        with self.transaction():
+            self._insert_questions(first_id, items, records)
+
+    def _insert_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
+        self.db.executemany("INSERT INTO questions VALUES (?, ?, ?)",
+                            ((first_id + i, item_json(it), r) for i, (it, r) in enumerate(zip(items, records))))
+
+    def append(self, seq: int, kind: str, session: str, question: int | None = None, label: int | None = None,
+               undo: int | None = None) -> None:
+        """One event, committed (on disk) before this returns."""
+        self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (seq, kind, question, session, label, undo, time.time()))
+
+    def migrate(self, items: list[questions.Item], records: list[str], events: list[dict], source: str) -> None:
+        """A journal's questions and events, in one transaction (so a crash migrates all or none)."""
+        with self.transaction():
+            self._insert_questions(0, items, records)
+            self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                ((e["seq"], e["event"], e.get("id"), e["session"], e.get("label"), e.get("undo"),
+                                  e.get("time", 0.0)) for e in events))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('migrated', ?)", (source,))
+
+    # -- reading
+
+    def count_questions(self) -> int:
+        return self.db.execute("SELECT count(*) FROM questions").fetchone()[0]
+
+    def question(self, qid: int) -> questions.Item:
+        row = self.db.execute("SELECT item FROM questions WHERE id = ?", (qid,)).fetchone()
+        if row is None:
+            raise IndexError(qid)
+        return item_from_json(row[0], qid, str(self.path))
+
+    def events(self) -> Iterator[tuple]:
+        """(seq, kind, question, session, label, undo) in order."""
+        return self.db.execute("SELECT seq, kind, question, session, label, undo FROM events ORDER BY seq")
+
+    def records(self, ids: list[int]) -> dict[int, str]:
+        """The label record prefixes of questions `ids`."""
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(self.db.execute(f"SELECT id, record FROM questions WHERE id IN ({marks})", chunk))
+        return out
+
+    def items_json(self) -> Iterator[str]:
+        return (row[0] for row in self.db.execute("SELECT item FROM questions ORDER BY id"))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, traceback):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
