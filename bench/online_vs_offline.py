@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lm_human_preferences.training import train_policy  # noqa: E402
+from lm_human_preferences.utils import save_folders  # noqa: E402
 from lm_human_preferences.task import rewards
 from lm_human_preferences.training import online
 from lm_human_preferences.labeling import collect, label_types  # noqa: E402
@@ -68,8 +69,8 @@ def run_once(experiment: str, mode: str, seed: int, save_root: Path, flags: list
 @torch.no_grad()
 def final_policy_accuracy(run_dir: Path, labeler: str, n_labels: int, seed: int) -> float:
     """The final reward model's best-of-4 accuracy on mock labels of the final policy's samples."""
-    hp = train_policy.HParams.from_json((run_dir / train_policy.HPARAMS_FILE).read_text())
-    model, encoding_name = trained_models.load_initial(str(run_dir / train_policy.PHASE))
+    hp = train_policy.HParams.from_json((run_dir / save_folders.POLICY_HPARAMS).read_text())
+    model, encoding_name = trained_models.load_initial(str(run_dir / save_folders.POLICY))
     policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
     reward_model = rewards.load_trained(str(run_dir)).eval()
     label_type = label_types.get(hp.rewards.train_new_model.labels.type)

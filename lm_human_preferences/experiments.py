@@ -4,13 +4,15 @@
 """
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
-from lm_human_preferences.evaluation import demo, report
+from lm_human_preferences.evaluation import report, verdict
+from lm_human_preferences.labeling import mock_labelers, sources
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.training import run, train_policy, train_reward
-from lm_human_preferences.utils import distributed
+from lm_human_preferences.training import online, ppo, run, train_policy, train_reward
+from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
 LABELS = "gs://lm-human-preferences/labels"
@@ -112,7 +114,7 @@ TRAIN_REWARD: dict[str, Callable[[], train_reward.HParams]] = {
 def _books_policy(name: str) -> train_policy.HParams:
     hp = train_policy.HParams(task=books_task(name))
     hp.rewards.kl_coef = 0.15
-    hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
+    hp.rewards.adaptive_kl = ppo.AdaptiveKLParams(target=6.0)
     hp.rewards.train_new_model = TRAIN_REWARD[name]()
     hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-5, 1_000_000, 512
     hp.run.seed = 1
@@ -130,7 +132,7 @@ def _summarize_policy(name: str, task: lm_tasks.TaskHParams, kl_coef: float) -> 
 def _test_policy() -> train_policy.HParams:
     hp = train_policy.HParams(task=tiny_task())
     hp.rewards.train_new_model = _test_reward()
-    hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=1.0)
+    hp.rewards.adaptive_kl = ppo.AdaptiveKLParams(target=1.0)
     hp.ppo.total_episodes, hp.ppo.batch_size, hp.ppo.lr = 256, 16, 1e-3
     hp.run.seed, hp.run.log_interval, hp.run.save_interval = 1, 4, 8
     return hp
@@ -140,7 +142,7 @@ def _mock_policy(labeler: str) -> train_policy.HParams:
     """The whole method offline in minutes: mock labels → reward model → PPO with adaptive KL."""
     hp = train_policy.HParams(task=kjv_task())
     hp.rewards.kl_coef = 0.15
-    hp.rewards.adaptive_kl = train_policy.AdaptiveKLParams(target=6.0)
+    hp.rewards.adaptive_kl = ppo.AdaptiveKLParams(target=6.0)
     hp.rewards.train_new_model = TRAIN_REWARD[f"mock_{labeler}"]()
     hp.rewards.train_new_model.run.seed = None  # the policy's seed: --run.seed S replays the whole demo
     hp.ppo.lr, hp.ppo.total_episodes, hp.ppo.batch_size = 1e-4, 64 * 100, 64
@@ -167,25 +169,40 @@ def _check_mode(mode: str) -> None:
 
 
 def train_function(mode: str, hp) -> Callable:
-    """The function that runs `hp` on each rank; runs on mock labels go through the offline demo.
-    Every run ends (or dies) with its report written."""
+    """The function that runs `hp` on each rank (`run_experiment` in `mode`)."""
     _check_mode(mode)
-    if demo.uses_mock_labels(hp):
-        return functools.partial(train_and_report, functools.partial(demo.train, mode))
-    return functools.partial(train_and_report, {"train_reward": train_reward.train, "train_policy": train_policy.train}[mode])
+    return functools.partial(run_experiment, mode)
 
 
-def train_and_report(train: Callable, hp):
-    """train(hp), then (rank 0, when the run owns its save folder) the run report, even after a crash."""
+def run_experiment(mode: str, hp):
+    """Train per `hp` — a reward model, or a policy offline or online — and, on mock labels, end
+    with the labeler's verdict; every run ends (or dies) with its report written (rank 0, when the
+    run owns its save folder)."""
     try:
-        return train(hp)
+        if mode == "train_reward":
+            return train_reward.train(hp)
+        reward_hp = hp.rewards.train_new_model
+        mock = reward_hp is not None and sources.is_mock(reward_hp.labels.source)
+        labeler_name = mock_labelers.parse_source(reward_hp.labels.source)[0] if mock else None
+        policy, result = (online.train if hp.rewards.online is not None else train_policy.train)(hp)
+        if mock and distributed.is_main():
+            result["mock"] = verdict.summary(hp, labeler_name, policy, result)
+            verdict.print_summary(result["mock"])
+            if hp.run.save_dir:
+                storage.atomic_write_text(Path(hp.run.save_dir) / save_folders.MOCK_SUMMARY,
+                                          json.dumps(result["mock"], indent=2))
+        return policy, result
     finally:
-        save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-        if save_dir is not None and distributed.is_main() and run.owns(save_dir):
-            try:
-                print(f"report: {report.write_report(save_dir)}", flush=True)
-            except UserError as e:
-                print(f"could not write the run report: {e}", flush=True)
+        write_report(hp)
+
+
+def write_report(hp) -> None:
+    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
+    if save_dir is not None and distributed.is_main() and run.owns(save_dir):
+        try:
+            print(f"report: {report.write_report(save_dir)}", flush=True)
+        except UserError as e:
+            print(f"could not write the run report: {e}", flush=True)
 
 
 def get(mode: str, name: str):

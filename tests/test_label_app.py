@@ -24,7 +24,8 @@ from lm_human_preferences import experiments
 from lm_human_preferences.cli import main as cli
 from lm_human_preferences.labeling import collect, label_files, label_types
 from lm_human_preferences.labeling.app import questions, web
-from lm_human_preferences.labeling.app.queue import HumanLabeler, LabelQueue
+from lm_human_preferences.labeling.app.people import PeopleLabeler
+from lm_human_preferences.labeling.app.queue import LabelQueue
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils.errors import UserError
@@ -347,7 +348,7 @@ def test_human_labeler_answers_collects_questions(tmp_path):
                         torch.Generator().manual_seed(0), None)
     reports: list[str] = []
     result: list = []
-    labeler = HumanLabeler(queue, policy.encoding.padding_token, reports.append, poll_s=0.05)
+    labeler = PeopleLabeler(queue, policy.encoding.padding_token, report=reports.append, poll_s=0.05)
     with serving(queue) as server:
         thread = threading.Thread(target=lambda: result.extend(labeler.answer(asked)))
         thread.start()
@@ -361,7 +362,7 @@ def test_human_labeler_answers_collects_questions(tmp_path):
         assert not thread.is_alive() and result == [2, None, 0]
         status, data = client.post("/api/undo", {})
         assert status == 409 and "trainer" in data["error"]
-        assert reports and all(re.fullmatch(r"people answered [0-2]/3 questions", r) for r in reports), reports
+        assert reports and all(re.fullmatch(r"waiting for people: [0-2]/3 questions answered", r) for r in reports), reports
     assert queue.items[1].question == asked[1]
 
 
@@ -370,7 +371,7 @@ def test_collect_with_people_as_the_labeler(tmp_path):
     hp, policy = policy_of("test")
     out = tmp_path / "labels.json"
     queue = LabelQueue(out, label_types.get("best_of_4"))
-    labeler = HumanLabeler(queue, policy.encoding.padding_token, report=None, poll_s=0.05)
+    labeler = PeopleLabeler(queue, policy.encoding.padding_token, report=None, poll_s=0.05)
     records: list[dict] = []
     with serving(queue) as server:
         thread = threading.Thread(target=lambda: records.extend(collect.collect(policy, hp.task, labeler, 2,

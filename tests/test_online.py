@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from lm_human_preferences import experiments
 from lm_human_preferences.cli import main as cli
 from lm_human_preferences.training import online
-from lm_human_preferences.labeling import collect, mock_labelers
+from lm_human_preferences.labeling import collect, mock_labelers, sources
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.utils import save_folders
 from lm_human_preferences.utils.errors import UserError
 
 FAULT_RUN = Path(__file__).with_name("fault_run.py")
@@ -71,7 +72,7 @@ def first_questions(policy: Policy, summary: dict) -> list[dict]:
     new = summary["new_labels"]
     queries = online.LabelQueries(experiments.kjv_task(), policy.encoding, "cpu", summary["first_query"])
     generator = torch.Generator().manual_seed(online.round_seed(SEED, summary["round"]))
-    asked = collect.ask(policy, experiments.kjv_task(), queries.take(max(128, new + new // online.HELD_OUT_SHARE)), 4,
+    asked = collect.ask(policy, experiments.kjv_task(), queries.take(max(128, new + sources.held_out_count(new))), 4,
                         generator, 512)
     return [collect.record(q, 0) for q in asked]
 
@@ -107,10 +108,10 @@ def test_online_hparams_are_checked(flags, message, capsys):
 
 
 def test_rounds_label_the_current_policy_and_retrain_the_reward_model(straight):
-    rounds = json.loads((straight / online.SUMMARY_FILE).read_text())
+    rounds = json.loads((straight / save_folders.ONLINE_SUMMARY).read_text())
     assert [(r["round"], r["update"], r["labels"]) for r in rounds] == [(0, 0, 48), (1, 2, 80), (2, 4, 96)]
-    train = json.loads((straight / online.LABELS_FILE).read_text())
-    heldout = json.loads((straight / online.HELDOUT_FILE).read_text())
+    train = json.loads((straight / save_folders.LABELS).read_text())
+    heldout = json.loads((straight / save_folders.HELDOUT_LABELS).read_text())
     assert len(train) == 96 and len(heldout) == 12 + 8 + 4
     assert set(train[0]) == {"query", "sample0", "sample1", "sample2", "sample3", "best"}
     initial = policy_at(straight, None)
@@ -148,7 +149,7 @@ def test_a_killed_run_resumes_exactly(straight):
     resumed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "online: 2 label rounds done, PPO at update 2 of 6" in resumed.stdout
-    for name in (online.LABELS_FILE, online.HELDOUT_FILE):
+    for name in (save_folders.LABELS, save_folders.HELDOUT_LABELS):
         assert (straight / name).read_bytes() == (root / "killed" / name).read_bytes()
     for scope in ("policy", "reward_model"):
         final = [load_file(d / scope / "checkpoints" / (d / scope / "checkpoints" / "latest").read_text().strip())
@@ -221,11 +222,11 @@ def test_people_label_through_the_app_and_a_stopped_wait_resumes(tmp_path, capsy
         person.done.set()
     assert "online: 1 label rounds done, PPO at update 2 of 4" in capsys.readouterr().out
     run_dir = tmp_path / "people"
-    rounds = json.loads((run_dir / online.SUMMARY_FILE).read_text())
+    rounds = json.loads((run_dir / save_folders.ONLINE_SUMMARY).read_text())
     assert [(r["update"], r["labels"], r["questions"]) for r in rounds] == [(0, 16, 20), (2, 32, 20)]
     asked = json.loads((run_dir / "app" / "labels.json.questions.json").read_text())["questions"]
     assert len(asked) == 40  # round 1's questions were kept across the stop, not asked again
-    assert len(json.loads((run_dir / online.LABELS_FILE).read_text())) == 32
+    assert len(json.loads((run_dir / save_folders.LABELS).read_text())) == 32
 
 
 def test_labels_from_people_need_a_save_folder():

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.training.train_policy import (AdaptiveKLController, FixedKLController, PpoHParams,
-                                               advantages_and_returns, compute_rewards, make_score_fn,
-                                               minibatch_stats, ppo_loss)
+from lm_human_preferences.training.ppo import (AdaptiveKLController, FixedKLController, PpoHParams,
+                                              advantages_and_returns, compute_rewards, minibatch_stats, ppo_loss,
+                                              rollout_stats, Rollouts, score)
+from lm_human_preferences.training.train_policy import NegativeKLWatch
 from lm_human_preferences.utils import core
 
 REWARDS = torch.tensor([[1.0, 0.0, 2.0]])
@@ -98,7 +99,7 @@ def test_adaptive_kl_controller_by_hand():
     assert fixed.value == 0.2
 
 
-def test_score_fn_truncation_and_penalty():
+def test_score_truncation_and_penalty():
     task = lm_tasks.TaskHParams(query_length=2, query_dataset="test", response_length=6,
                                 truncate_token=26, truncate_after=2, penalty_reward_value=-1.0)
     seen = {}
@@ -107,14 +108,45 @@ def test_score_fn_truncation_and_penalty():
         seen["responses"] = responses
         return torch.full((len(responses),), 5.0)
 
-    score_fn = make_score_fn(task, reward_fn, padding_token=27)
     responses = torch.tensor([
         [1, 2, 3, 4, 5, 6],      # no truncate token → penalty
         [26, 26, 3, 4, 5, 6],    # only before truncate_after → penalty
         [1, 2, 26, 4, 26, 6],    # two tokens → truncated after the first, scored
         [1, 2, 3, 4, 5, 26],     # at the last index → scored
     ])
-    scores, post = score_fn(torch.zeros(4, 2, dtype=torch.long), responses)
+    scores, post = score(task, reward_fn, 27, torch.zeros(4, 2, dtype=torch.long), responses)
     assert scores.tolist() == [-1.0, -1.0, 5.0, 5.0]
     assert post[2].tolist() == [1, 2, 26, 27, 27, 27]
     assert torch.equal(seen["responses"], post)  # the reward model sees the truncated responses
+
+
+def test_kl_diagnostics_by_hand():
+    """objective/kl is the original's log-ratio sum; k3 and the negative share are computed beside it."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0], [-0.5, -1.0]])  # log-ratios [[0.5, -1], [0, 0.5]]
+    zeros = torch.zeros(2, 2)
+    rollouts = Rollouts(queries=zeros, responses=zeros, postprocessed=zeros, logprobs=logprobs,
+                        ref_logprobs=ref_logprobs, values=zeros, scores=torch.tensor([1.0, 3.0]), rewards=zeros,
+                        non_score_reward=torch.tensor([[0.1, 0.2], [0.3, 0.4]]))
+    stats = {k: v.item() for k, v in rollout_stats(rollouts).items()}
+
+    def k3(r: float) -> float:  # (p_ref/p − 1) − log(p_ref/p), with log(p/p_ref) = r
+        return math.exp(-r) - 1 + r
+
+    assert stats["objective/kl"] == pytest.approx(((0.5 - 1.0) + (0.0 + 0.5)) / 2)
+    assert stats["objective/kl_k3"] == pytest.approx(((k3(0.5) + k3(-1.0)) + (k3(0.0) + k3(0.5))) / 2)
+    assert stats["objective/kl_negative_share"] == 0.5
+    assert stats["objective/entropy"] == pytest.approx((3.0 + 1.0) / 2)
+    assert stats["objective/score"] == 2.0
+    assert stats["objective/score_total"] == pytest.approx((0.3 + 0.7) / 2 + 2.0)
+
+
+def test_negative_kl_warns_once_after_several_updates(capsys):
+    watch = NegativeKLWatch(updates=3)
+    for kl in (-0.1, -0.2, 0.1, -0.1, -0.1):  # the positive update restarts the count
+        watch.see({"objective/kl": kl, "objective/kl_k3": 0.01})
+    assert "negative" not in capsys.readouterr().out
+    for kl in (-0.3, -0.4, -0.5):
+        watch.see({"objective/kl": kl, "objective/kl_k3": 0.01})
+    out = capsys.readouterr().out
+    assert out.count("warning: the mean KL") == 1 and "temperature" in out and "reference policy" in out

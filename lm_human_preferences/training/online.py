@@ -58,52 +58,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.training import resume, stopping, train_reward
-from lm_human_preferences.labeling import collect, label_files, label_types, mock_labelers
-from lm_human_preferences.labeling.app import questions, web
+from lm_human_preferences.labeling import collect, label_files, label_types, mock_labelers, sources
 from lm_human_preferences.labeling.app import queue as label_queue
+from lm_human_preferences.labeling.app import web
+from lm_human_preferences.labeling.app.people import PeopleLabeler
 from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.task.policy import Policy
-from lm_human_preferences.task.rewards import RewardModel
-from lm_human_preferences.training.run import save_hparams, start_run
-from lm_human_preferences.utils import distributed, hyperparams, logging, storage
+from lm_human_preferences.training import resume, stopping, train_policy, train_reward
+from lm_human_preferences.training.run import save_hparams
+from lm_human_preferences.training.train_policy import HParams, OnlineHParams
+from lm_human_preferences.utils import distributed, logging, save_folders, storage
 from lm_human_preferences.utils.errors import Stopped, UserError
 
-HELD_OUT_SHARE = 4  # as the offline demo: a quarter more labels each round, held out
 ROUND_SEED_STRIDE = 7919  # round k samples and labels with seed + k · stride
-APP_SOURCE = "app"
-LABELS_FILE, HELDOUT_FILE, SUMMARY_FILE = "labels.json", "heldout_labels.json", "online_summary.json"
-NORMALIZE_ON = ("current", "initial")
 MAX_ASKED = 20  # questions asked per label wanted before giving up on a labeler that skips them all
-
-
-@dataclass
-class OnlineHParams(hyperparams.HParams):
-    initial_share: float = 0.5  # f: the share of the label budget labelled before PPO
-    interval: Optional[int] = None  # K: PPO episodes between rounds; None: a fifth of the run (whole PPO batches)
-    epochs: int = 1  # reward-model passes per round after the first
-    all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
-    lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
-    normalize_on: str = "current"  # whose samples later rounds renormalize on: the current or the initial policy's
-
-    def validate(self, _prefix: str = "") -> None:
-        super().validate(_prefix)
-        if not 0 < self.initial_share <= 1:
-            raise UserError(f"{_prefix}initial_share must be in (0, 1], got {self.initial_share}")
-        if self.interval is not None and self.interval <= 0:
-            raise UserError(f"{_prefix}interval must be a positive number of episodes, got {self.interval}")
-        if self.epochs <= 0:
-            raise UserError(f"{_prefix}epochs must be positive, got {self.epochs}")
-        if self.lr is not None and not 0 <= self.lr < float("inf"):
-            raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
-        if self.normalize_on not in NORMALIZE_ON:
-            raise UserError(f"{_prefix}normalize_on must be one of {', '.join(NORMALIZE_ON)}, got {self.normalize_on!r}")
 
 
 @dataclass(frozen=True)
@@ -113,17 +86,11 @@ class Round:
     labels: int  # training labels once it is done
 
 
-def interval(hp) -> int:
-    """K, in episodes: `online.interval`, else a fifth of the run in whole PPO batches."""
-    given = hp.rewards.online.interval
-    return given if given is not None else hp.ppo.batch_size * max(1, hp.total_updates // 5)
-
-
-def schedule(hp) -> list[Round]:
+def schedule(hp: HParams) -> list[Round]:
     """The label rounds of a train_policy run (see the module doc)."""
     online, reward_hp = hp.rewards.online, hp.rewards.train_new_model
     budget, batch = reward_hp.labels.num_train, reward_hp.batch_size
-    starts = range(0, hp.total_updates * hp.ppo.batch_size, interval(hp))
+    starts = range(0, hp.total_updates * hp.ppo.batch_size, hp.online_interval)
     last = len(starts) - 1
     rounds: list[Round] = []
     for k, episode in enumerate(starts):
@@ -132,38 +99,6 @@ def schedule(hp) -> list[Round]:
         if not rounds or labels > rounds[-1].labels:
             rounds.append(Round(len(rounds), episode // hp.ppo.batch_size, labels))
     return rounds
-
-
-def app_port(source: str) -> int | None:
-    """The port of an `app[:<port>]` label source; None for other sources."""
-    name, _, port = source.partition(":")
-    if name != APP_SOURCE:
-        return None
-    if not port:
-        return web.DEFAULT_PORT
-    if not port.isdigit() or int(port) > 65535:
-        raise UserError(f"labels.source {source}: write app or app:<port>, a port 0..65535 (0: any free one)")
-    return int(port)
-
-
-def check(hp) -> None:
-    """What an online train_policy run needs beyond each group's own checks."""
-    reward_hp = hp.rewards.train_new_model
-    if reward_hp is None:
-        raise UserError("rewards.online trains the reward model while the policy trains: set "
-                        "rewards.train_new_model, not rewards.trained_model")
-    if interval(hp) % hp.ppo.batch_size:
-        raise UserError(f"rewards.online.interval={interval(hp)} must be a whole number of PPO batches "
-                        f"(ppo.batch_size={hp.ppo.batch_size})")
-    source = reward_hp.labels.source
-    if source.startswith(mock_labelers.MOCK_PREFIX):
-        mock_labelers.parse_source(source)
-        collect.count_responses(reward_hp.labels.type)
-    elif app_port(source) is not None:
-        questions.count_responses(label_types.get(reward_hp.labels.type))
-    else:
-        raise UserError(f"rewards.online collects its own labels: rewards.train_new_model.labels.source must be "
-                        f"mock:<labeler>[:<noise>] or app[:<port>] (people, through the labeling app), not {source!r}")
 
 
 def round_seed(seed: int, index: int) -> int:
@@ -216,36 +151,6 @@ class Heartbeat:
     def _exit(self, signum: int) -> None:
         raise Stopped(signum, f"stopped by {signal.Signals(signum).name} {self.where}; "
                               "rerun the same command to resume")
-
-
-class PeopleLabeler:
-    """collect's `Labeler` protocol, answered by people through the labeling app's queue.
-
-    Unlike `queue.HumanLabeler`, questions the queue holds beyond `taken` (given to people
-    before a restart; the round that asked them did not finish) are not queued again when
-    they are asked again, and the wait beats `heartbeat` every poll.
-    """
-
-    def __init__(self, queue: label_queue.LabelQueue, padding_token: int, taken: int, url: str, poll_s: float = 1.0):
-        self.queue, self.padding_token, self.taken, self.url, self.poll_s = queue, padding_token, taken, url, poll_s
-        self.heartbeat: Heartbeat | None = None
-
-    def pending(self) -> list[collect.Question]:
-        return [item.question for item in self.queue.items[self.taken:]]
-
-    def answer(self, qs: list[collect.Question]) -> list[int | None]:
-        items = [questions.item(q, self.padding_token) for q in qs]
-        end = self.taken + len(items)
-        ids = list(range(self.taken, end)) if self.queue.items[self.taken:end] == items else self.queue.add(items)
-        self.taken = ids[-1] + 1
-        version, reported = -1, -1
-        while (done := self.queue.complete_count(ids)) < len(ids):
-            if done != reported:
-                logging.print_main(f"waiting for people: {done}/{len(ids)} questions answered at {self.url}")
-                reported = done
-            version = self.queue.wait_for_change(version, self.poll_s)
-            self.heartbeat.beat()
-        return self.queue.deliver(ids)
 
 
 def collect_round(policy: Policy, task: lm_tasks.TaskHParams, label_type: label_types.LabelType, labeler,
@@ -310,15 +215,9 @@ class Progress:
                                 "--run.overwrite on to start over")
             return found[:count]  # labels of a round cut short after they were written are dropped
 
-        return Progress(records(LABELS_FILE, meta["train"]), records(HELDOUT_FILE, meta["heldout"]), meta["rounds"],
+        return Progress(records(save_folders.LABELS, meta["train"]), records(save_folders.HELDOUT_LABELS, meta["heldout"]),
+                        meta["rounds"],
                         meta["queries"], meta["taken"])
-
-
-def new_reward_model(task: lm_tasks.TaskHParams, device: torch.device) -> RewardModel:
-    model, encoding_name = trained_models.load_initial(task.policy.initial_model, heads=("reward",), device=device)
-    reward_model = RewardModel(model, encodings.get(encoding_name))
-    distributed.broadcast_module(reward_model)
-    return reward_model
 
 
 def round_hparams(reward_hp: train_reward.HParams, online: OnlineHParams, index: int,
@@ -333,7 +232,7 @@ def round_hparams(reward_hp: train_reward.HParams, online: OnlineHParams, index:
     return hp
 
 
-def snapshot(policy: Policy, hp) -> Policy:
+def snapshot(policy: Policy, hp: HParams) -> Policy:
     """A frozen copy of the policy as it is now, to sample from for the reward model's normalization."""
     copied = Policy(copy.deepcopy(policy.model), policy.encoding, hp.task)
     return copied.configure(hp.run, frozen=True)
@@ -342,7 +241,7 @@ def snapshot(policy: Policy, hp) -> Policy:
 class OnlineRun:
     """The reward model's side of an online run: label rounds, its training, its state."""
 
-    def __init__(self, hp, trainer: train_reward.RewardModelTrainer, progress: Progress, save_dir: Path | None,
+    def __init__(self, hp: HParams, trainer: train_reward.RewardModelTrainer, progress: Progress, save_dir: Path | None,
                  encoding_name: str, seed: int, people: PeopleLabeler | None):
         self.hp, self.trainer, self.progress, self.save_dir = hp, trainer, progress, save_dir
         self.reward_hp = hp.rewards.train_new_model
@@ -350,12 +249,13 @@ class OnlineRun:
         self.encoding_name, self.seed, self.people = encoding_name, seed, people
         self.queries = LabelQueries(hp.task, trainer.reward_model.encoding, trainer.reward_model.device,
                                     progress.queries)
-        self.scalar_log = logging.ScalarLog(save_dir / "tb" / "online" if save_dir else None)
+        self.scalar_log = logging.ScalarLog(save_dir / save_folders.TENSORBOARD / save_folders.ONLINE_LOG
+                                            if save_dir else None)
 
     def labels(self, policy: Policy, rnd: Round, heartbeat: Heartbeat) -> tuple[list[dict], list[dict], int]:
         """The round's new training and held-out records, labelled on rank 0, on every rank."""
         new = rnd.labels - len(self.progress.train)
-        need = new + new // HELD_OUT_SHARE
+        need = new + sources.held_out_count(new)
 
         def make():
             whose = "initial" if rnd.update == 0 else "current"
@@ -364,7 +264,7 @@ class OnlineRun:
             chunk_size = self.hp.run.chunk_size
             people, labeler, carried, min_ask = self.people, self.people, [], 1
             if people is not None:
-                people.heartbeat, carried = heartbeat, people.pending()
+                people.beat, carried = heartbeat.beat, people.pending()
             else:
                 name, noise = mock_labelers.parse_source(self.reward_hp.labels.source)
                 labeler = collect.MockLabeler(name, noise, round_seed(self.seed, rnd.index))
@@ -395,16 +295,15 @@ class OnlineRun:
         round_hp = round_hparams(self.reward_hp, self.hp.rewards.online, rnd.index,
                                  rnd.labels if rnd.index == 0 or self.hp.rewards.online.all_labels else len(train_new))
         trained = progress.train[-round_hp.labels.num_train:]
-        trainer.hp, trainer.step = round_hp, 0
         # Round 0 normalizes on the initial policy's samples, as an offline run; later rounds on the
         # current policy's, unless normalize_on says initial.
-        if rnd.update > 0 and self.hp.rewards.online.normalize_on == "current":
-            trainer.policy = snapshot(policy, self.hp)
+        current = rnd.update > 0 and self.hp.rewards.online.normalize_on == "current"
+        trainer.new_round(round_hp, normalize_on=snapshot(policy, self.hp) if current else None)
         train_labels = as_labels(trained, self.label_type, self.hp.task)
         if round_hp.normalize_before:
             summary["normalize_before"] = trainer.normalize(*train_reward.target_moments(self.label_type, train_labels))
-        scalar_log = logging.ScalarLog(self.save_dir / "tb" / "reward_model" / f"round{rnd.index}"
-                                       if self.save_dir else None)
+        scalar_log = logging.ScalarLog(self.save_dir / save_folders.TENSORBOARD / save_folders.REWARD_MODEL
+                                       / f"round{rnd.index}" if self.save_dir else None)
         summary["train"] = trainer.train(train_labels, round_seed(self.seed, rnd.index), scalar_log, lambda: None)
         scalar_log.close()
         if round_hp.normalize_after:
@@ -435,78 +334,71 @@ class OnlineRun:
         if self.save_dir is None:
             return
         if distributed.is_main():
-            label_files.write(self.progress.train, self.save_dir / LABELS_FILE)
-            label_files.write(self.progress.heldout, self.save_dir / HELDOUT_FILE)
-            storage.atomic_write_text(self.save_dir / SUMMARY_FILE, json.dumps(self.progress.rounds, indent=1))
+            label_files.write(self.progress.train, self.save_dir / save_folders.LABELS)
+            label_files.write(self.progress.heldout, self.save_dir / save_folders.HELDOUT_LABELS)
+            storage.atomic_write_text(self.save_dir / save_folders.ONLINE_SUMMARY,
+                                      json.dumps(self.progress.rounds, indent=1))
         checkpoint = train_reward.save(self.trainer.reward_model, self.encoding_name, self.save_dir, rnd.index)
-        self.trainer.extra["online"] = self.progress.meta()
-        self.trainer.step = rnd.index  # batches count from 0 every round: the saved state is named by the round
-        self.trainer.save_state(resume.folder(self.save_dir, train_reward.PHASE), checkpoint)
+        # batches count from 0 every round: the saved state is named by the round
+        self.trainer.save_state(resume.folder(self.save_dir, save_folders.REWARD_MODEL), checkpoint, step=rnd.index,
+                                online=self.progress.meta())
 
 
-def start_people(hp, save_dir: Path | None, progress: Progress, padding_token: int,
+def start_people(hp: HParams, save_dir: Path | None, progress: Progress, padding_token: int,
                  stack: contextlib.ExitStack) -> PeopleLabeler | None:
     """For labels from people (`app`), rank 0 serves the labeling app for the run's life (closed by
     `stack`) and gets a `PeopleLabeler`; None elsewhere (mock labelers: each round makes its own)."""
-    port = app_port(hp.rewards.train_new_model.labels.source)
+    source = hp.rewards.train_new_model.labels.source
+    port = sources.app_port(source)
     if port is None or not distributed.is_main():
         return None
     label_type = label_types.get(hp.rewards.train_new_model.labels.type)
-    queue = label_queue.LabelQueue(save_dir / "app" / LABELS_FILE, label_type, seed=hp.run.seed)
+    queue = label_queue.LabelQueue(save_dir / save_folders.APP / save_folders.LABELS, label_type, seed=hp.run.seed)
     stack.callback(queue.close)
-    page = web.Page(f"online labels: {label_type.name}", web.instructions("", hp.rewards.train_new_model.labels.source,
-                                                                             label_type))
+    page = web.Page(f"online labels: {label_type.name}", web.instructions("", source, label_type))
     label_server = web.LabelServer(queue, page, port=port)
     label_server.start()
     stack.callback(label_server.server_close)
     stack.callback(label_server.shutdown)
     logging.print_main(f"labeling app: open {label_server.url} (answers so far: {queue.paths['journal.jsonl']})")
-    return PeopleLabeler(queue, padding_token, progress.taken, label_server.url)
+    return PeopleLabeler(queue, padding_token, progress.taken, label_server.url, report=logging.print_main)
 
 
-def train(hp) -> tuple[Policy, dict]:
+def train(hp: HParams) -> tuple[Policy, dict]:
     """An online train_policy run (see the module doc); returns what `train_policy.train` returns,
     with the summaries of the rounds under "online" and the last round's under "reward_model"."""
-    from lm_human_preferences.training import train_policy  # it imports this module for OnlineHParams
-
-    device, seed, save_dir = start_run(hp, train_policy.HPARAMS_FILE)
-    ppo_state = resume.unfinished_state(save_dir, train_policy.PHASE, "a policy run")
-    if save_dir is None and app_port(hp.rewards.train_new_model.labels.source) is not None:
+    if hp.run.save_dir is None and sources.app_port(hp.rewards.train_new_model.labels.source) is not None:
         raise UserError("labels from people need a save folder (run.save_dir) for the app's questions and journal")
-    reward_state = resume.load_state(resume.folder(save_dir, train_reward.PHASE)) if save_dir else None
-    policy, ref_policy, encoding_name = train_policy.load_policies(hp, device)
-    reward_model = new_reward_model(hp.task, device)
+    run = train_policy.start_policy_run(hp)
+    save_dir, device = run.save_dir, run.policy.device
+    reward_state = resume.load_state(resume.folder(save_dir, save_folders.REWARD_MODEL)) if save_dir else None
+    reward_model, encoding_name = train_reward.new_reward_model(hp.task, device)
     progress = Progress([], [], [])
     if reward_state is not None:
-        reward_model.load_tensors(trained_models.load_file(save_dir / train_reward.PHASE,
+        reward_model.load_tensors(trained_models.load_file(save_dir / save_folders.REWARD_MODEL,
                                                            reward_state.checkpoint).tensors)
         progress = Progress.load(reward_state.meta["extra"]["online"], save_dir)
-    save_hparams(hp, save_dir, train_policy.HPARAMS_FILE)
-    reward_trainer = train_reward.RewardModelTrainer(reward_model, ref_policy, hp.rewards.train_new_model, seed)
+    save_hparams(hp, save_dir, save_folders.POLICY_HPARAMS)
+    reward_trainer = train_reward.RewardModelTrainer(reward_model, run.ref_policy, hp.rewards.train_new_model, run.seed)
     # PPO scores with the reward model through a function: given the module itself, it would freeze it
-    ppo = train_policy.PPOTrainer(policy, ref_policy, lambda q, r: reward_model(q, r), hp, seed)
+    ppo = train_policy.PPOTrainer(run.policy, run.ref_policy, lambda q, r: reward_model(q, r), hp, run.seed)
     if reward_state is not None:
         reward_trainer.restore(reward_state)
-    if ppo_state is not None:
-        ppo.restore(ppo_state, trained_models.load_file(save_dir / train_policy.PHASE, ppo_state.checkpoint).tensors)
+    train_policy.resume_trainer(run, ppo)
     logging.print_main(f"online: {len(progress.rounds)} label rounds done, PPO at update {ppo.update} of "
                        f"{hp.total_updates}")
     with contextlib.ExitStack() as stack:
-        people = start_people(hp, save_dir, progress, policy.encoding.padding_token, stack)
-        run = OnlineRun(hp, reward_trainer, progress, save_dir, encoding_name, seed, people)
-        stack.callback(run.scalar_log.close)
+        people = start_people(hp, save_dir, progress, run.policy.encoding.padding_token, stack)
+        online_run = OnlineRun(hp, reward_trainer, progress, save_dir, encoding_name, run.seed, people)
+        stack.callback(online_run.scalar_log.close)
         for rnd in schedule(hp)[len(progress.rounds):]:
             if ppo.update < rnd.update:
-                train_policy.run_updates(ppo, hp, save_dir, encoding_name, until=rnd.update)
+                train_policy.run_updates(ppo, hp, save_dir, until=rnd.update)
             with stopping.graceful() as stop:
-                run.run_round(policy, rnd, Heartbeat(stop, f"while waiting for label round {rnd.index}"))
+                online_run.run_round(run.policy, rnd, Heartbeat(stop, f"while waiting for label round {rnd.index}"))
                 if stop.requested():
                     stop.exit(f"after label round {rnd.index}; rerun the same command to resume")
-        train_policy.run_updates(ppo, hp, save_dir, encoding_name)
-    if save_dir is not None and distributed.is_main():
-        samples = train_policy.before_after_samples(policy, ref_policy, hp.task, seed)
-        storage.atomic_write_text(save_dir / "samples.json", json.dumps(samples, indent=1))
-    distributed.barrier()
-    history = ppo.history
-    return policy, {"first": history[0], "last": history[-1], "history": history,
-                    "reward_model": progress.rounds[-1], "online": {"rounds": progress.rounds}}
+        train_policy.run_updates(ppo, hp, save_dir)
+    summary = train_policy.finish_policy_run(run, ppo, progress.rounds[-1])
+    summary["online"] = {"rounds": progress.rounds}
+    return run.policy, summary

@@ -21,10 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from lm_human_preferences.utils import distributed, storage
+from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
-
-RESUME_DIR = "resume"
 
 
 @dataclass
@@ -37,7 +35,7 @@ class State:
 
 
 def folder(save_dir: Path, phase: str) -> Path:
-    return save_dir / RESUME_DIR / phase
+    return save_dir / save_folders.RESUME / phase
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -1,92 +1,71 @@
-"""PPO fine-tuning of a policy against a reward model: `./launch.py train_policy ...` (docs/original.md, "PPO")."""
+"""PPO fine-tuning of a policy against a reward model: `./launch.py train_policy ...` (docs/original.md, "PPO").
 
-import functools
+The math of an update is in ppo.py; this module runs updates: the trainer (`PPOTrainer`: make
+rollouts, learn from them), the loop with its logging and checkpoints (`run_updates`), and the
+start and end every policy run shares (`start_policy_run`, `finish_policy_run`), which the
+offline run (`train`) and the online one (online.py) are built from.
+"""
+
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-from lm_human_preferences.task import lm_tasks, rewards
-from lm_human_preferences.training import online, resume, stopping, train_reward
-from lm_human_preferences.labeling import collect
+from lm_human_preferences.labeling import collect, sources
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.training.online import OnlineHParams
-from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task import lm_tasks, rewards
+from lm_human_preferences.task.policy import Policy, load_policy
+from lm_human_preferences.training import ppo, resume, stopping, train_reward
+from lm_human_preferences.training.ppo import AdaptiveKLParams, PpoHParams, RewardFn, Rollouts
 from lm_human_preferences.training.run import RunHParams, rank_generator, save_hparams, start_run
-from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
+from lm_human_preferences.utils import core, distributed, hyperparams, logging, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
 
-HPARAMS_FILE = "train_policy_hparams.json"
-PHASE = "policy"  # its checkpoints and resume state are under <save_dir>/policy and resume/policy
-RewardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (queries, responses) -> scores [batch]
+NORMALIZE_ON = ("current", "initial")
+NEGATIVE_KL_UPDATES = 5  # warn once when the mean KL has been negative for this many updates in a row
 
 
 @dataclass
-class AdaptiveKLParams(hyperparams.HParams):
-    target: Optional[float] = None
-    horizon: int = 10000  # in episodes
+class OnlineHParams(hyperparams.HParams):
+    """Label rounds while the policy trains (online.py)."""
+
+    initial_share: float = 0.5  # f: the share of the label budget labelled before PPO
+    interval: Optional[int] = None  # K: PPO episodes between rounds; None: a fifth of the run (whole PPO batches)
+    epochs: int = 1  # reward-model passes per round after the first
+    all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
+    lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
+    normalize_on: str = "current"  # whose samples later rounds renormalize on: the current or the initial policy's
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
-        if self.target is None or not 0 < self.target < float("inf"):
-            raise UserError(f"{_prefix.rstrip('.') or 'adaptive_kl'} needs a positive target, "
-                            f"e.g. --{_prefix}target 6.0")
-        if self.horizon <= 0:
-            raise UserError(f"{_prefix}horizon must be positive (in episodes), got {self.horizon}")
+        if not 0 < self.initial_share <= 1:
+            raise UserError(f"{_prefix}initial_share must be in (0, 1], got {self.initial_share}")
+        if self.interval is not None and self.interval <= 0:
+            raise UserError(f"{_prefix}interval must be a positive number of episodes, got {self.interval}")
+        if self.epochs <= 0:
+            raise UserError(f"{_prefix}epochs must be positive, got {self.epochs}")
+        if self.lr is not None and not 0 <= self.lr < float("inf"):
+            raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
+        if self.normalize_on not in NORMALIZE_ON:
+            raise UserError(f"{_prefix}normalize_on must be one of {', '.join(NORMALIZE_ON)}, got {self.normalize_on!r}")
 
 
 @dataclass
 class RewardHParams(hyperparams.HParams):
-    kl_coef: float = 0.2
-    adaptive_kl: Optional[AdaptiveKLParams] = None
-    trained_model: Optional[str] = None
-    train_new_model: Optional[train_reward.HParams] = None
-    online: Optional[OnlineHParams] = None  # collect labels while the policy trains (online.py)
+    kl_coef: float = 0.2  # the KL penalty's coefficient (its initial value, with adaptive_kl)
+    adaptive_kl: Optional[AdaptiveKLParams] = None  # steer kl_coef towards a target KL
+    trained_model: Optional[str] = None  # a reward model to load ...
+    train_new_model: Optional[train_reward.HParams] = None  # ... or one to train first
+    online: Optional[OnlineHParams] = None  # ... and keep training on labels of the current policy's samples
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
         if not 0 <= self.kl_coef < float("inf"):
             raise UserError(f"{_prefix}kl_coef must be a finite number ≥ 0, got {self.kl_coef}")
-
-
-@dataclass
-class PpoHParams(hyperparams.HParams):
-    total_episodes: int = 2000000
-    batch_size: int = 64  # global, across ranks
-    nminibatches: int = 1
-    noptepochs: int = 4
-    lr: float = 5e-6
-    vf_coef: float = 0.1
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_rewards: bool = True
-
-    def validate(self, _prefix: str = "") -> None:
-        super().validate(_prefix)
-        for name in ("total_episodes", "batch_size", "nminibatches", "noptepochs"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise UserError(f"{_prefix}{name} must be positive, got {value}")
-        for name in ("lr", "vf_coef"):
-            value = getattr(self, name)
-            if not 0 <= value < float("inf"):
-                raise UserError(f"{_prefix}{name} must be a finite number ≥ 0, got {value}")
-        for name in ("cliprange", "cliprange_value"):
-            value = getattr(self, name)
-            if not 0 < value < float("inf"):
-                raise UserError(f"{_prefix}{name} must be a positive number, got {value}")
-        for name in ("gamma", "lam"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise UserError(f"{_prefix}{name} must be between 0 and 1, got {value}")
 
 
 @dataclass
@@ -116,128 +95,43 @@ class HParams(hyperparams.HParams):
             raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
                             "(raise ppo.batch_size, lower ppo.nminibatches or ranks, or set ppo.whiten_rewards off)")
         if self.rewards.online is not None:
-            online.check(self)
+            self.validate_online()
+
+    def validate_online(self) -> None:
+        """What an online run needs beyond each group's own checks."""
+        if self.rewards.train_new_model is None:
+            raise UserError("rewards.online trains the reward model while the policy trains: set "
+                            "rewards.train_new_model, not rewards.trained_model")
+        if self.online_interval % self.ppo.batch_size:
+            raise UserError(f"rewards.online.interval={self.online_interval} must be a whole number of PPO batches "
+                            f"(ppo.batch_size={self.ppo.batch_size})")
+        labels = self.rewards.train_new_model.labels
+        sources.check_online(labels.source, labels.type)
 
     @property
     def total_updates(self) -> int:
         return core.ceil_div(self.ppo.total_episodes, self.ppo.batch_size)
 
+    @property
+    def online_interval(self) -> int:
+        """K, in episodes: `rewards.online.interval`, else a fifth of the run in whole PPO batches."""
+        given = self.rewards.online.interval
+        return given if given is not None else self.ppo.batch_size * max(1, self.total_updates // 5)
 
-class FixedKLController:
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current: float, n_steps: int) -> None:
-        pass
-
-
-class AdaptiveKLController:
-    """coef *= 1 + clip(kl / target − 1, −0.2, 0.2) · n_steps / horizon."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value = init_kl_coef
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current: float, n_steps: int) -> None:
-        proportional_error = float(np.clip(current / self.target - 1, -0.2, 0.2))
-        self.value *= 1 + proportional_error * n_steps / self.horizon
-
-
-def kl_controller(hp: RewardHParams):
-    if hp.adaptive_kl is None:
-        return FixedKLController(hp.kl_coef)
-    return AdaptiveKLController(hp.kl_coef, hp.adaptive_kl.target, hp.adaptive_kl.horizon)
-
-
-def make_score_fn(task: lm_tasks.TaskHParams, reward_fn: RewardFn, padding_token: int,
-                  chunk_size: int | None = None) -> Callable:
-    """(queries, responses) → (scores, postprocessed responses).
-
-    Responses are truncated after the truncate token; those without one get
-    `penalty_reward_value` instead of the reward model's score.
-    """
-    def score_fn(queries: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        postprocessed = lm_tasks.postprocess_responses(task, responses, padding_token)
-        with torch.no_grad():
-            scores = core.map_chunks(reward_fn, chunk_size, queries, postprocessed).float()
-        penalty = torch.full_like(scores, task.penalty_reward_value)
-        return torch.where(lm_tasks.has_truncate_token(task, postprocessed), scores, penalty), postprocessed
-
-    return score_fn
-
-
-def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                    kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards −kl_coef · (logprob − ref_logprob), plus the score at the last token."""
-    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
-    rewards = non_score_reward.clone()
-    rewards[:, -1] += scores
-    return rewards, non_score_reward
-
-
-def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float,
-                           whiten_rewards: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over the response tokens. Returns (whitened advantages, returns = advantages + values)."""
-    if whiten_rewards:
-        rewards = core.whiten(rewards, shift_mean=False)
-    length = rewards.shape[1]
-    lastgaelam = torch.zeros_like(rewards[:, 0])
-    advantages_reversed = []
-    for t in reversed(range(length)):
-        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, t])
-        delta = rewards[:, t] + gamma * next_values - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    returns = advantages + values
-    return core.whiten(advantages), returns
-
-
-def ppo_loss(old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
-             returns: torch.Tensor, logprobs: torch.Tensor, vpred: torch.Tensor, entropies: torch.Tensor,
-             ppo: PpoHParams) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO loss pg + vf_coef · vf over [batch, response_length] tensors.
-
-    Every stat is a mean over elements, so stats of equal-sized row chunks average exactly.
-    """
-    vpredclipped = torch.clamp(vpred, old_values - ppo.cliprange_value, old_values + ppo.cliprange_value)
-    vf_losses1 = (vpred - returns) ** 2
-    vf_losses2 = (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
-    vf_clipfrac = (vf_losses2 > vf_losses1).float().mean()
-
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - ppo.cliprange, 1.0 + ppo.cliprange)
-    pg_loss = torch.max(pg_losses, pg_losses2).mean()
-    pg_clipfrac = (pg_losses2 > pg_losses).float().mean()
-
-    loss = pg_loss + ppo.vf_coef * vf_loss
-    stats = {
-        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
-        "ppo/policy/entropy": entropies.mean(), "ppo/policy/approxkl": 0.5 * (logratio ** 2).mean(),
-        "ppo/policy/clipfrac": pg_clipfrac,
-        "ppo/val/vpred": vpred.mean(), "ppo/val/error": ((vpred - returns) ** 2).mean(), "ppo/val/clipfrac": vf_clipfrac,
-    }
-    return loss, {k: v.detach() for k, v in stats.items()}
-
-
-def minibatch_stats(returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The stats that are not element means: moments of the returns and of the old values."""
-    return {
-        "ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
-        "ppo/val/mean": old_values.mean(), "ppo/val/var": old_values.var(unbiased=False),
-    }
+    @property
+    def labels_hp(self) -> train_reward.HParams | None:
+        """The reward model trained on a fixed label set before PPO (none online: its rounds label)."""
+        return self.rewards.train_new_model if self.rewards.online is None else None
 
 
 class PPOTrainer:
-    """One `step()` = sample a batch of rollouts, score them, then noptepochs of PPO on it."""
+    """`rollouts()` samples, scores and rewards a batch; `learn(rollouts)` runs noptepochs of PPO
+    on it; `step()` is one update, both in turn."""
 
     def __init__(self, policy: Policy, ref_policy: Policy, reward_fn: RewardFn, hp: HParams, seed: int):
         self.policy = policy
         self.ref_policy = ref_policy
+        self.reward_fn = reward_fn
         self.hp = hp
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.batch_size = core.exact_div(hp.ppo.batch_size, self.world)  # this rank's rollouts per update
@@ -245,8 +139,7 @@ class PPOTrainer:
         self.generator = rank_generator(seed, policy.device)
         self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size, rank=self.rank,
                                               world=self.world, device=policy.device)
-        self.score_fn = make_score_fn(hp.task, reward_fn, policy.encoding.padding_token, hp.run.chunk_size)
-        self.kl_ctl = kl_controller(hp.rewards)
+        self.kl_ctl = ppo.kl_controller(hp.rewards.kl_coef, hp.rewards.adaptive_kl)
         self.params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = TFAdam(self.params, lr=hp.ppo.lr, eps=1e-5)
         policy.configure(hp.run)  # run.precision / run.share_queries; the frozen models are cast once
@@ -272,35 +165,39 @@ class PPOTrainer:
             next(self.queries)
         self.query_batches = state.meta["query_batches"]
 
+    def score(self, queries: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, postprocessed responses) of sampled responses (`ppo.score`)."""
+        return ppo.score(self.hp.task, self.reward_fn, self.policy.encoding.padding_token, queries, responses,
+                         self.hp.run.chunk_size)
+
     @torch.no_grad()
-    def rollouts(self) -> dict[str, torch.Tensor]:
-        """Sample, score and reward one batch (steps 1–4 of an update in docs/original.md)."""
+    def rollouts(self) -> Rollouts:
+        """Sample, score and reward one batch (steps 1–3 of an update, ppo.py)."""
         chunk = self.hp.run.chunk_size
         queries = next(self.queries)
         self.query_batches += 1
-        rollouts = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
-        responses = rollouts["responses"]
-        ref_logprobs = core.map_chunks(functools.partial(self.ref_policy.analyze_responses, entropies=False), chunk,
+        sampled = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
+        responses = sampled["responses"]
+        ref_logprobs = core.map_chunks(lambda q, r: self.ref_policy.analyze_responses(q, r, entropies=False), chunk,
                                        queries, responses)["logprobs"]
-        scores, postprocessed = self.score_fn(queries, responses)
-        rewards, non_score_reward = compute_rewards(scores, rollouts["logprobs"], ref_logprobs, self.kl_ctl.value)
-        return dict(queries=queries, responses=responses, postprocessed=postprocessed, logprobs=rollouts["logprobs"],
-                    ref_logprobs=ref_logprobs, values=rollouts["values"].float(), scores=scores, rewards=rewards,
-                    non_score_reward=non_score_reward)
+        scores, postprocessed = self.score(queries, responses)
+        rewards, non_score_reward = ppo.compute_rewards(scores, sampled["logprobs"], ref_logprobs, self.kl_ctl.value)
+        return Rollouts(queries=queries, responses=responses, postprocessed=postprocessed,
+                        logprobs=sampled["logprobs"], ref_logprobs=ref_logprobs, values=sampled["values"].float(),
+                        scores=scores, rewards=rewards, non_score_reward=non_score_reward)
 
-    def train_minibatch(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Gradient step on one minibatch, accumulated over micro-batches of ≤ chunk_size rows."""
-        ppo = self.hp.ppo
+    def train_minibatch(self, mb: Rollouts) -> dict[str, torch.Tensor]:
+        """Gradient step on one minibatch, accumulated over micro-batches of ≤ chunk_size rows (steps 4–5)."""
+        hp = self.hp.ppo
         with torch.no_grad():
-            advantages, returns = advantages_and_returns(mb["rewards"], mb["values"], ppo.gamma, ppo.lam,
-                                                         ppo.whiten_rewards)
+            advantages, returns = ppo.advantages_and_returns(mb.rewards, mb.values, hp.gamma, hp.lam, hp.whiten_rewards)
         rows = len(advantages)
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, torch.Tensor] = {}
         for part in core.row_slices(rows, self.hp.run.chunk_size):
-            out = self.policy.analyze_responses(mb["queries"][part], mb["responses"][part])
-            loss, chunk_stats = ppo_loss(mb["logprobs"][part], mb["values"][part], advantages[part], returns[part],
-                                         out["logprobs"], out["values"].float(), out["entropies"], ppo)
+            out = self.policy.analyze_responses(mb.queries[part], mb.responses[part])
+            loss, chunk_stats = ppo.ppo_loss(mb.logprobs[part], mb.values[part], advantages[part], returns[part],
+                                             out["logprobs"], out["values"].float(), out["entropies"], hp)
             weight = len(advantages[part]) / rows
             (loss * weight).backward()
             for k, v in chunk_stats.items():
@@ -308,104 +205,73 @@ class PPOTrainer:
         distributed.average_gradients(self.params)
         core.check_finite(f"PPO update {self.update}", loss=stats["ppo/loss/total"], gradients=core.grad_norm(self.params))
         self.optimizer.step()
-        stats.update(minibatch_stats(returns, mb["values"]))
+        stats.update(ppo.minibatch_stats(returns, mb.values))
         return stats
 
-    def step(self, update: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """One PPO update; returns its stats (averaged over ranks) and the rollouts."""
+    def learn(self, rollouts: Rollouts) -> dict[str, float]:
+        """noptepochs passes over shuffled minibatches of `rollouts`; then the update's stats
+        (averaged over ranks) and the KL controller's step (step 6)."""
         hp = self.hp
-        self.optimizer.set_lr(hp.ppo.lr * (1 - update / hp.total_updates))
-        rollouts = self.rollouts()
-        train_keys = ("queries", "responses", "logprobs", "values", "rewards")
         ppo_stats: list[dict[str, torch.Tensor]] = []
         for _ in range(hp.ppo.noptepochs):
             order = torch.randperm(self.batch_size, generator=self.generator, device=self.generator.device)
             for start in range(0, self.batch_size, self.minibatch_size):
                 index = order[start:start + self.minibatch_size].to(self.policy.device)
-                ppo_stats.append(self.train_minibatch({k: rollouts[k][index] for k in train_keys}))
-        kl = (rollouts["logprobs"] - rollouts["ref_logprobs"]).sum(1)
-        local = {
-            "objective/kl": kl.mean(),
-            "objective/entropy": (-rollouts["logprobs"]).sum(1).mean(),
-            "objective/score": rollouts["scores"].mean(),
-            "objective/score_total": rollouts["non_score_reward"].sum(1).mean() + rollouts["scores"].mean(),
-        }
+                ppo_stats.append(self.train_minibatch(rollouts[index]))
+        local = ppo.rollout_stats(rollouts)
         local.update({k: torch.stack([s[k] for s in ppo_stats]).mean() for k in ppo_stats[0]})
         stats = distributed.mean_stats(local)
-        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
+        stats["ppo/val/var_explained"] = ppo.var_explained(stats)
         stats["objective/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
-        return stats, rollouts
+        return stats
+
+    def step(self, update: int) -> tuple[dict[str, float], Rollouts]:
+        """One PPO update (the learning rate annealed for it); returns its stats and the rollouts."""
+        self.optimizer.set_lr(self.hp.ppo.lr * (1 - update / self.hp.total_updates))
+        rollouts = self.rollouts()
+        return self.learn(rollouts), rollouts
 
 
-def print_samples(rollouts: dict[str, torch.Tensor], encoding: encodings.Encoding, kl_coef: float, n: int = 3) -> None:
+# -- the updates, with logging and checkpoints
+
+
+def print_samples(rollouts: Rollouts, encoding: encodings.Encoding, kl_coef: float, n: int = 3) -> None:
     """Query, response (⏎ for newlines), score, KL and total of the first samples, as the original printed."""
-    kl = (rollouts["logprobs"] - rollouts["ref_logprobs"]).sum(1).tolist()
+    kl = (rollouts.logprobs - rollouts.ref_logprobs).sum(1).tolist()
     for i in range(min(n, len(kl))):
-        score = rollouts["scores"][i].item()
-        logging.print_main(encoding.decode(rollouts["queries"][i].tolist()).replace("\n", "⏎"))
-        logging.print_main(encoding.decode(rollouts["postprocessed"][i].tolist()).replace("\n", "⏎"))
+        score = rollouts.scores[i].item()
+        logging.print_main(encoding.decode(rollouts.queries[i].tolist()).replace("\n", "⏎"))
+        logging.print_main(encoding.decode(rollouts.postprocessed[i].tolist()).replace("\n", "⏎"))
         logging.print_main(f"  score = {score:+.2f}\n  kl = {kl[i]:+.2f}\n  total = {score - kl_coef * kl[i]:+.2f}")
 
 
-def save_policy(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> str:
-    """Checkpoint the policy (rank 0; every rank takes part in the replica check); returns the file name."""
-    distributed.check_replicas_equal(policy.model)
-    core.check_finite(f"the policy after update {update}", weights=core.weight_norm(policy.model.parameters()))
-    if distributed.is_main():
-        trained_models.save_checkpoint(save_dir / PHASE, policy.model.hparams, encoding_name,
-                                       policy.model.state_dict(), update)
-    return trained_models.checkpoint_name(update)
+class NegativeKLWatch:
+    """A one-time warning when the mean KL stays negative: a sign the log-probs PPO penalizes are not
+    the ones the samples were drawn from."""
+
+    def __init__(self, updates: int = NEGATIVE_KL_UPDATES):
+        self.updates, self.run, self.warned = updates, 0, False
+
+    def see(self, stats: dict[str, float]) -> None:
+        self.run = self.run + 1 if stats["objective/kl"] < 0 else 0
+        if self.run >= self.updates and not self.warned:
+            self.warned = True
+            logging.print_main(
+                f"warning: the mean KL (objective/kl) has been negative for {self.run} updates in a row "
+                f"(now {stats['objective/kl']:.3f}; k3 estimate {stats['objective/kl_k3']:.3f}). Usual causes: the "
+                "responses were sampled at another temperature than they are scored at (task.policy.temperature), "
+                "or the reference policy is not the initial policy.")
 
 
-def save_crash_checkpoint(policy: Policy, encoding_name: str, save_dir: Path, update: int) -> None:
-    """Rank 0 keeps the weights of a run that died (no collectives: other ranks may be gone), if finite."""
-    weights_ok = torch.isfinite(core.weight_norm(policy.model.parameters()))
-    if distributed.is_main() and weights_ok:
-        trained_models.save_checkpoint(save_dir / PHASE, policy.model.hparams, encoding_name,
-                                       policy.model.state_dict(), update)
-
-
-def load_reward_model(hp: HParams, encoding_name: str) -> tuple[rewards.RewardModel, dict | None]:
-    """The frozen reward model: trained first (rewards.train_new_model; with its summary) — or taken
-    from the save folder when that training already finished —, or loaded (rewards.trained_model)."""
-    summary = None
-    save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if hp.rewards.train_new_model is not None and save_dir is not None and train_reward.finished(save_dir):
-        logging.print_main(f"the reward model in {save_dir} finished training; using it")
-        reward_model = distributed.main_first(lambda: rewards.load_trained(str(save_dir), distributed.device()))
-        summary = json.loads((save_dir / train_reward.SUMMARY_FILE).read_text())
-    elif hp.rewards.train_new_model is not None:
-        reward_hp = hp.rewards.train_new_model
-        reward_hp.run.save_dir = hp.run.save_dir
-        reward_model, summary = train_reward.train(reward_hp)
-    else:  # rank 0 downloads; the others then read the cache
-        reward_model = distributed.main_first(lambda: rewards.load_trained(hp.rewards.trained_model, distributed.device()))
-    if reward_model.encoding.name != encoding_name:
-        raise UserError(f"the reward model uses the {reward_model.encoding.name!r} encoding but the policy "
-                        f"{hp.task.policy.initial_model!r} uses {encoding_name!r}; their tokens are not compatible")
-    reward_model.requires_grad_(False)
-    return reward_model.eval(), summary
-
-
-def load_policies(hp: HParams, device: torch.device) -> tuple[Policy, Policy, str]:
-    """(policy with a value head, frozen reference policy, encoding name), equal on every rank."""
-    model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("value",), device=device)
-    ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
-    distributed.broadcast_module(model)
-    distributed.broadcast_module(ref_model)
-    ref_model.requires_grad_(False)
-    encoding = encodings.get(encoding_name)
-    return Policy(model, encoding, hp.task), Policy(ref_model.eval(), encoding, hp.task), encoding_name
-
-
-def log_update(hp: HParams, update: int, stats: dict[str, float], rollouts: dict[str, torch.Tensor],
+def log_update(hp: HParams, update: int, stats: dict[str, float], rollouts: Rollouts,
                encoding: encodings.Encoding, scalar_log: logging.ScalarLog, bar) -> None:
     """TensorBoard every update; the progress bar; stats and 3 samples every log_interval updates."""
     scalar_log.scalars(stats, update)
     eps = hp.ppo.batch_size / stats["elapsed/step_time"]
     bar.update(1)
-    bar.set_postfix(eps=f"{eps:.1f}/s", score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+    bar.set_postfix(eps=f"{eps:.1f}/s", score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}",
+                    kl3=f"{stats['objective/kl_k3']:.3f}")
     if update % hp.run.log_interval == 0:
         logging.print_main(f"[ppo_step {update}] step_time={stats['elapsed/step_time']:.2f}s, eps/s={eps:.2f}")
         logging.print_main(logging.format_stats(stats))
@@ -425,16 +291,34 @@ def elapsed_stats(hp: HParams, update: int, step_time: float, started: float) ->
     }
 
 
-def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encoding_name: str,
-                until: int | None = None) -> None:
+def save_policy(policy: Policy, save_dir: Path, update: int) -> str:
+    """Checkpoint the policy (rank 0; every rank takes part in the replica check); returns the file name."""
+    distributed.check_replicas_equal(policy.model)
+    core.check_finite(f"the policy after update {update}", weights=core.weight_norm(policy.model.parameters()))
+    if distributed.is_main():
+        trained_models.save_checkpoint(save_dir / save_folders.POLICY, policy.model.hparams, policy.encoding.name,
+                                       policy.model.state_dict(), update)
+    return trained_models.checkpoint_name(update)
+
+
+def save_crash_checkpoint(policy: Policy, save_dir: Path, update: int) -> None:
+    """Rank 0 keeps the weights of a run that died (no collectives: other ranks may be gone), if finite."""
+    weights_ok = torch.isfinite(core.weight_norm(policy.model.parameters()))
+    if distributed.is_main() and weights_ok:
+        trained_models.save_checkpoint(save_dir / save_folders.POLICY, policy.model.hparams, policy.encoding.name,
+                                       policy.model.state_dict(), update)
+
+
+def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, until: int | None = None) -> None:
     """The PPO updates from `trainer.update` on, up to update `until` (default: all), with logging
     and checkpoints (model and resume state every run.save_interval updates, and at `until`).
     SIGINT or SIGTERM stops the run after the current update, with a checkpoint to resume from."""
-    scalar_log = logging.ScalarLog(save_dir / "tb" / "ppo" if save_dir else None)
+    scalar_log = logging.ScalarLog(save_dir / save_folders.TENSORBOARD / save_folders.PPO_LOG if save_dir else None)
+    negative_kl = NegativeKLWatch()
 
     def checkpoint(finished: bool = False) -> None:
-        trainer.save_state(resume.folder(save_dir, PHASE), save_policy(trainer.policy, encoding_name, save_dir,
-                                                                        trainer.update), finished)
+        trainer.save_state(resume.folder(save_dir, save_folders.POLICY),
+                           save_policy(trainer.policy, save_dir, trainer.update), finished)
 
     started = time.time() - (trainer.history[-1]["elapsed/time"] if trainer.history else 0.0)
     try:
@@ -449,6 +333,7 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encodin
                 trainer.history.append(stats)
                 trainer.update += 1
                 log_update(hp, update, stats, rollouts, trainer.policy.encoding, scalar_log, bar)
+                negative_kl.see(stats)
                 stop_now = stop.requested()
                 if save_dir is not None and trainer.update < hp.total_updates and (
                         stop_now or trainer.update % hp.run.save_interval == 0 or trainer.update == end):
@@ -458,7 +343,7 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encodin
                                                                      if save_dir is not None else ""))
     except (Exception, KeyboardInterrupt) as e:  # as the original: keep what was trained when a run dies
         if save_dir is not None and trainer.history and not isinstance(e, UserError):
-            save_crash_checkpoint(trainer.policy, encoding_name, save_dir, trainer.update)
+            save_crash_checkpoint(trainer.policy, save_dir, trainer.update)
         raise
     finally:
         scalar_log.close()
@@ -466,40 +351,103 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, encodin
         checkpoint(finished=True)
 
 
+# -- a policy run, from start to end
+
+
+@dataclass
+class PolicyRun:
+    """What a policy run starts with: its seed, folder, resume state and the two policies."""
+
+    hp: HParams
+    seed: int
+    save_dir: Path | None
+    state: resume.State | None  # where a stopped run resumes PPO, if it does
+    policy: Policy  # the one PPO trains (with a value head)
+    ref_policy: Policy  # the initial policy, frozen: the KL penalty's reference
+
+
+def load_policies(hp: HParams, device: torch.device) -> tuple[Policy, Policy]:
+    """(policy with a value head, frozen reference policy), equal on every rank."""
+    policy = load_policy(hp.task.policy.initial_model, hp.task, device, heads=("value",))
+    ref_policy = load_policy(hp.task.policy.initial_model, hp.task, device)
+    distributed.broadcast_module(policy.model)
+    distributed.broadcast_module(ref_policy.model)
+    ref_policy.model.requires_grad_(False)
+    return policy, ref_policy
+
+
+def start_policy_run(hp: HParams) -> PolicyRun:
+    """Claim the save folder, fix the seed (and collect mock labels: `run.start_run`), find the
+    resume state, and load the policies. The caller saves the hparams once its inputs are read."""
+    device, seed, save_dir = start_run(hp, save_folders.POLICY_HPARAMS, labels_hp=hp.labels_hp)
+    state = resume.unfinished_state(save_dir, save_folders.POLICY, "a policy run")
+    return PolicyRun(hp, seed, save_dir, state, *load_policies(hp, device))
+
+
+def resume_trainer(run: PolicyRun, trainer: PPOTrainer) -> None:
+    if run.state is not None:
+        trainer.restore(run.state, trained_models.load_file(run.save_dir / save_folders.POLICY,
+                                                            run.state.checkpoint).tensors)
+        logging.print_main(f"resuming PPO at update {run.state.step} of {run.hp.total_updates}")
+
+
 def before_after_samples(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, seed: int,
-                         n: int = 8) -> list[dict[str, str]]:
-    """The initial and the trained policy's (truncated) responses to the first `n` test queries."""
+                         n: int = 8) -> list[tuple[str, str, str]]:
+    """(query, initial policy's response, trained policy's response) texts for the first `n` test
+    queries, both sampled with the same random numbers and truncated as the task says."""
     queries = next(lm_tasks.query_batches(task, policy.encoding, n, mode="test", device=policy.device))
-    _, query_texts, before = collect.sample_texts(ref_policy, task, queries, torch.Generator(policy.device).manual_seed(seed), None)
-    _, _, after = collect.sample_texts(policy, task, queries, torch.Generator(policy.device).manual_seed(seed), None)
-    return [dict(query=q, before=b, after=a) for q, b, a in zip(query_texts, before, after)]
+    texts = {}
+    for name, p in (("before", ref_policy), ("after", policy)):
+        generator = torch.Generator(policy.device).manual_seed(seed)
+        _, query_texts, texts[name] = collect.sample_texts(p, task, queries, generator, None)
+    return list(zip(query_texts, texts["before"], texts["after"]))
+
+
+def finish_policy_run(run: PolicyRun, trainer: PPOTrainer, reward_summary: dict | None) -> dict:
+    """Write the before/after samples (rank 0) and return the run's summary: the first and last
+    update's stats, every update's ("history"), and the reward model's summary ("reward_model")."""
+    if run.save_dir is not None and distributed.is_main():
+        samples = [dict(query=q, before=b, after=a)
+                   for q, b, a in before_after_samples(run.policy, run.ref_policy, run.hp.task, run.seed)]
+        storage.atomic_write_text(run.save_dir / save_folders.SAMPLES, json.dumps(samples, indent=1))
+    distributed.barrier()
+    history = trainer.history
+    return {"first": history[0], "last": history[-1], "history": history, "reward_model": reward_summary}
+
+
+def load_reward_model(hp: HParams, save_dir: Path | None, encoding_name: str) -> tuple[rewards.RewardModel, dict | None]:
+    """The frozen reward model: trained first (rewards.train_new_model; with its summary) — or taken
+    from the save folder when that training already finished —, or loaded (rewards.trained_model)."""
+    summary = None
+    if hp.rewards.train_new_model is not None and save_dir is not None and train_reward.finished(save_dir):
+        logging.print_main(f"the reward model in {save_dir} finished training; using it")
+        reward_model = distributed.main_first(lambda: rewards.load_trained(str(save_dir), distributed.device()))
+        summary = json.loads((save_dir / save_folders.REWARD_SUMMARY).read_text())
+    elif hp.rewards.train_new_model is not None:
+        reward_hp = hp.rewards.train_new_model
+        reward_hp.run.save_dir = hp.run.save_dir
+        reward_model, summary = train_reward.train(reward_hp)
+    else:  # rank 0 downloads; the others then read the cache
+        reward_model = distributed.main_first(lambda: rewards.load_trained(hp.rewards.trained_model, distributed.device()))
+    if reward_model.encoding.name != encoding_name:
+        raise UserError(f"the reward model uses the {reward_model.encoding.name!r} encoding but the policy "
+                        f"{hp.task.policy.initial_model!r} uses {encoding_name!r}; their tokens are not compatible")
+    reward_model.requires_grad_(False)
+    return reward_model.eval(), summary
 
 
 def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
-    """Fine-tune a policy per `hp`. `reward_fn` replaces the reward model (e.g. a programmatic scorer).
-
-    Returns the policy and a summary: the first and last update's stats, every update's stats
-    ("history") and, when a reward model was trained first, its summary ("reward_model"). With
-    a save folder, a run resumes from its last checkpoint when run again with the same hparams.
-    With rewards.online, labels are collected while the policy trains (online.py).
-    """
+    """Fine-tune a policy per `hp` offline. `reward_fn` replaces the reward model (e.g. a programmatic
+    scorer). Returns the policy and `finish_policy_run`'s summary. With a save folder, a run resumes
+    from its last checkpoint when run again with the same hparams. (Online runs: online.train.)"""
     if hp.rewards.online is not None:
-        return online.train(hp)
-    device, seed, save_dir = start_run(hp, HPARAMS_FILE)
-    state = resume.unfinished_state(save_dir, PHASE, "a policy run")
-    policy, ref_policy, encoding_name = load_policies(hp, device)
+        raise UserError("rewards.online runs are online.train's; launch them through experiments.train_function")
+    run = start_policy_run(hp)
     reward_summary = None
     if reward_fn is None:
-        reward_fn, reward_summary = load_reward_model(hp, encoding_name)
-    save_hparams(hp, save_dir, HPARAMS_FILE)
-    trainer = PPOTrainer(policy, ref_policy, reward_fn, hp, seed)
-    if state is not None:
-        trainer.restore(state, trained_models.load_file(save_dir / PHASE, state.checkpoint).tensors)
-        logging.print_main(f"resuming PPO at update {state.step} of {hp.total_updates}")
-    run_updates(trainer, hp, save_dir, encoding_name)
-    if save_dir is not None and distributed.is_main():
-        samples = before_after_samples(policy, ref_policy, hp.task, seed)
-        storage.atomic_write_text(save_dir / "samples.json", json.dumps(samples, indent=1))
-    distributed.barrier()
-    history = trainer.history
-    return policy, {"first": history[0], "last": history[-1], "history": history, "reward_model": reward_summary}
+        reward_fn, reward_summary = load_reward_model(hp, run.save_dir, run.policy.encoding.name)
+    save_hparams(hp, run.save_dir, save_folders.POLICY_HPARAMS)
+    trainer = PPOTrainer(run.policy, run.ref_policy, reward_fn, hp, run.seed)
+    resume_trainer(run, trainer)
+    run_updates(trainer, hp, run.save_dir)
+    return run.policy, finish_policy_run(run, trainer, reward_summary)

@@ -9,21 +9,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.training import resume
 from lm_human_preferences.labeling import label_files, label_types
 from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task import lm_tasks
+from lm_human_preferences.task.policy import Policy, load_policy
 from lm_human_preferences.task.rewards import RewardModel, reward_stats
+from lm_human_preferences.training import resume
 from lm_human_preferences.training.run import RunHParams, rank_generator, save_hparams, start_run
-from lm_human_preferences.utils import core, distributed, hyperparams, logging, storage
+from lm_human_preferences.utils import core, distributed, hyperparams, logging, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
-
-HPARAMS_FILE = "train_reward_hparams.json"
-SUMMARY_FILE = "train_reward_summary.json"
-PHASE = "reward_model"  # its checkpoints and resume state are under <save_dir>/reward_model and resume/reward_model
-
 
 @dataclass
 class LabelHParams(hyperparams.HParams):
@@ -170,11 +165,23 @@ class RewardModelTrainer:
                         checkpoint()
         return stats
 
+    def new_round(self, hp: HParams, normalize_on: Policy | None = None) -> None:
+        """Go on training with other hparams (an online label round): batches count from 0 again,
+        Adam's moments carry over; `normalize_on`, when given, is the policy whose samples
+        `normalize` measures from now on."""
+        self.hp, self.step = hp, 0
+        if normalize_on is not None:
+            self.policy = normalize_on
+
     def generators(self) -> dict[str, torch.Generator]:
         return {"sampling": self.generator}
 
-    def save_state(self, where: Path, checkpoint: str, finished: bool = False) -> None:
-        resume.save_state(where, self.step, checkpoint, self.optimizer, self.generators(),
+    def save_state(self, where: Path, checkpoint: str, finished: bool = False, step: int | None = None,
+                   **extra) -> None:
+        """Save what resuming needs, named by `step` (default: the batches trained); `extra` items
+        are kept with it (`restore` gives them back in `self.extra`)."""
+        self.extra.update(extra)
+        resume.save_state(where, self.step if step is None else step, checkpoint, self.optimizer, self.generators(),
                           dict(query_batches=self.query_batches, extra=self.extra), finished)
 
     def restore(self, state: resume.State) -> None:
@@ -244,24 +251,28 @@ def save(reward_model: RewardModel, encoding_name: str, save_dir: Path, step: in
     distributed.check_replicas_equal(reward_model)
     name = trained_models.checkpoint_name(step)
     if distributed.is_main():
-        trained_models.save_checkpoint(save_dir / "reward_model", reward_model.model.hparams, encoding_name,
+        trained_models.save_checkpoint(save_dir / save_folders.REWARD_MODEL, reward_model.model.hparams, encoding_name,
                                        reward_model.state_tensors(), step)
     return name
 
 
 def load_models(hp: HParams, device: torch.device) -> tuple[RewardModel, Policy, str]:
     """(reward model to train, the initial policy that samples for normalization, encoding name)."""
-    model, encoding_name = trained_models.load_initial(hp.task.policy.initial_model, heads=("reward",), device=device)
-    encoding = encodings.get(encoding_name)
-    reward_model = RewardModel(model, encoding)
+    reward_model, encoding_name = new_reward_model(hp.task, device)
+    return reward_model, load_policy(hp.task.policy.initial_model, hp.task, device), encoding_name
+
+
+def new_reward_model(task: lm_tasks.TaskHParams, device: torch.device) -> tuple[RewardModel, str]:
+    """The task's initial model with a fresh reward head, equal on every rank; and its encoding's name."""
+    model, encoding_name = trained_models.load_initial(task.policy.initial_model, heads=("reward",), device=device)
+    reward_model = RewardModel(model, encodings.get(encoding_name))
     distributed.broadcast_module(reward_model)
-    ref_model, _ = trained_models.load_initial(hp.task.policy.initial_model, device=device)
-    return reward_model, Policy(ref_model.eval(), encoding, hp.task), encoding_name
+    return reward_model, encoding_name
 
 
 def finished(save_dir: Path) -> bool:
     """Whether `save_dir` holds a reward model whose training finished."""
-    state = resume.load_state(resume.folder(save_dir, PHASE))
+    state = resume.load_state(resume.folder(save_dir, save_folders.REWARD_MODEL))
     return state is not None and state.finished
 
 
@@ -271,23 +282,24 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
     With a save folder, the trainer checkpoints every run.save_interval batches and resumes
     from its last checkpoint when run again with the same hparams.
     """
-    device, seed, save_dir = start_run(hp, HPARAMS_FILE)
-    state = resume.unfinished_state(save_dir, PHASE, "a reward model run")
+    device, seed, save_dir = start_run(hp, save_folders.REWARD_HPARAMS, labels_hp=hp)
+    state = resume.unfinished_state(save_dir, save_folders.REWARD_MODEL, "a reward model run")
     reward_model, policy, encoding_name = load_models(hp, device)
     label_type = label_types.get(hp.labels.type)
     train_labels, heldout = load_labels(hp, reward_model.encoding, hp.labels.source)
-    save_hparams(hp, save_dir, HPARAMS_FILE)
+    save_hparams(hp, save_dir, save_folders.REWARD_HPARAMS)
 
     trainer = RewardModelTrainer(reward_model, policy, hp, seed)
     if state is not None:
-        reward_model.load_tensors(trained_models.load_file(save_dir / PHASE, state.checkpoint).tensors)
+        reward_model.load_tensors(trained_models.load_file(save_dir / save_folders.REWARD_MODEL, state.checkpoint).tensors)
         trainer.restore(state)
         logging.print_main(f"resuming the reward model at batch {state.step} of {hp.total_steps}")
 
     def checkpoint() -> None:
-        trainer.save_state(resume.folder(save_dir, PHASE), save(reward_model, encoding_name, save_dir, trainer.step))
+        trainer.save_state(resume.folder(save_dir, save_folders.REWARD_MODEL),
+                           save(reward_model, encoding_name, save_dir, trainer.step))
 
-    scalar_log = logging.ScalarLog(save_dir / "tb" / "reward_model" if save_dir else None)
+    scalar_log = logging.ScalarLog(save_dir / save_folders.TENSORBOARD / save_folders.REWARD_MODEL if save_dir else None)
     if hp.normalize_before and state is None:
         trainer.extra["normalize_before"] = trainer.normalize(*target_moments(label_type, train_labels))
     summary: dict = {k: v for k, v in trainer.extra.items() if k.startswith("normalize")}
@@ -301,9 +313,9 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
     scalar_log.close()
     if save_dir is not None:
         core.check_finite("the trained reward model", weights=core.weight_norm(reward_model.parameters()))
-        trainer.save_state(resume.folder(save_dir, PHASE), save(reward_model, encoding_name, save_dir, hp.total_steps),
-                           finished=True)
+        trainer.save_state(resume.folder(save_dir, save_folders.REWARD_MODEL),
+                           save(reward_model, encoding_name, save_dir, hp.total_steps), finished=True)
         if distributed.is_main():
-            storage.atomic_write_text(save_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+            storage.atomic_write_text(save_dir / save_folders.REWARD_SUMMARY, json.dumps(summary, indent=2))
     distributed.barrier()
     return reward_model, summary

@@ -24,7 +24,7 @@ labeler's count and agreement. A question handed to someone who does not answer 
 Every request costs the same however many answers the queue holds: counters, agreement counts
 and where each labeler's next question may be are kept as answers come.
 
-`HumanLabeler` puts this queue behind collect's `Labeler` protocol.
+`people.PeopleLabeler` puts this queue behind collect's `Labeler` protocol.
 """
 
 import errno
@@ -626,25 +626,3 @@ def chance_agreement(pairs: Counter, agree: Callable[[int, int], bool]) -> dict:
     chance = sum(fa * fb for a, fa in firsts.items() for b, fb in seconds.items() if agree(a, b)) / (n * n)
     rate = agreed / n
     return dict(agreed=agreed, rate=rate, chance=chance, kappa=(rate - chance) / (1 - chance) if chance < 1 else None)
-
-
-class HumanLabeler:
-    """collect's `Labeler` protocol answered by people through the labeling app serving `queue`."""
-
-    def __init__(self, queue: LabelQueue, padding_token: int, report: Callable[[str], None] | None = print,
-                 poll_s: float = 1.0):
-        self.queue = queue
-        self.padding_token = padding_token
-        self.report = report
-        self.poll_s = poll_s
-
-    def answer(self, qs: list[collect.Question]) -> list[int | None]:
-        """Blocks until people answered or skipped every question; the labels (None: skipped)."""
-        ids = self.queue.add([questions.item(q, self.padding_token) for q in qs])
-        version, reported = -1, -1
-        while (done := self.queue.complete_count(ids)) < len(ids):
-            if self.report and done != reported:
-                self.report(f"people answered {done}/{len(ids)} questions")
-                reported = done
-            version = self.queue.wait_for_change(version, self.poll_s)
-        return self.queue.deliver(ids)
