@@ -1,9 +1,10 @@
-"""`label.py EXPERIMENT --out FILE ...`: a label file judged by a mock labeler; `label.py serve ...`: people label."""
+"""`label.py EXPERIMENT --out FILE ...`: a label file judged by a mock labeler; `label.py serve ...`: people label;
+`label.py export ...` / `label.py import ...`: label files to and from text preference pairs."""
 
 from pathlib import Path
 
 from lm_human_preferences import experiments
-from lm_human_preferences.cli import options, serve
+from lm_human_preferences.cli import options, pairs, serve
 from lm_human_preferences.labeling import collect, label_files, mock_labelers
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task.policy import Policy
@@ -29,11 +30,17 @@ options:
 
 usage: label.py serve EXPERIMENT --out FILE [--flags]
 People label instead, on a local web page (label.py serve --help).
+
+usage: label.py export LABELS --experiment E --out FILE.jsonl [--keep-ids]
+usage: label.py import PAIRS.jsonl --experiment E --out FILE.json
+Label files to and from the {"prompt", "chosen", "rejected"} text pairs of TRL, OpenRLHF and
+Hugging Face datasets (label.py export --help, label.py import --help).
 """
 
 def label_command(args: list[str]) -> None:
-    if args and args[0] == "serve":
-        return serve.serve_command(args[1:])
+    subcommands = {"serve": serve.serve_command, "export": pairs.export_command, "import": pairs.import_command}
+    if args and args[0] in subcommands:
+        return subcommands[args[0]](args[1:])
     if not args or "--help" in args or "-h" in args:
         print(LABEL_HELP)
         return
