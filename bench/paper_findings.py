@@ -89,8 +89,8 @@ class Cell:
 
 
 # One seed's cells, most informative first (the experiments interleaved).
-KINDS = (f"labels-{SWEEP_LABELS}", "ceiling", "labels-256", "labels-4096", "online-initial", "online-current",
-         "kl-off", "kl-1.5", "kl-24.0", "online-initial-h10000", "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
+KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "labels-256", "kl-off", "online-current", "kl-1.5",
+         "labels-4096", "kl-24.0", "online-initial-h10000", "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
 
 
 def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] = KINDS) -> list[Cell]:
@@ -217,7 +217,8 @@ def ppo_logs(folder: Path) -> dict[str, list[float]]:
     """Per-update KL and kl_coef of a run, from its TensorBoard logs."""
     scalars = report.read_scalars(folder / "tb" / "ppo", [], "")
     out = {}
-    for tag, key in (("objective/kl", "kl"), ("objective/kl_coef", "kl_coef"), ("objective/score", "score")):
+    for tag, key in (("objective/kl", "kl_history"), ("objective/kl_coef", "kl_coef_history"),
+                     ("objective/score", "score_history")):
         values = scalars.get(tag, {})
         out[key] = [values[step] for step in sorted(values)]
     return out
@@ -349,7 +350,7 @@ def online_table(results: Results, experiments: Iterable[str]) -> str:
         for kind, title in ONLINE_KINDS:
             ms = of(results, e, kind)
             rows.append([f"`{e}`", title, str(len(ms)), spread([m["kl"] for m in ms]),
-                         spread([m["kl_coef"][-1] for m in ms if m["kl_coef"]], 3), spread([m["win_rate"] for m in ms], 3),
+                         spread([m["kl_coef_history"][-1] for m in ms if m["kl_coef_history"]], 3), spread([m["win_rate"] for m in ms], 3),
                          spread([m["score"] for m in ms]), spread([m.get("heldout_accuracy") for m in ms], 3),
                          spread([m.get("own_rm_after_std") for m in ms])])
     return markdown(header, rows)
@@ -442,7 +443,7 @@ def plot_online(results: Results, experiments: list[str], path: Path) -> None:
     for (kind, title), color in zip(ONLINE_KINDS, colors):
         for e, style in zip(experiments, ("-", "--")):
             for i, m in enumerate(of(results, e, kind)[:1]):
-                ax.plot(range(len(m["kl"])), m["kl"], style, color=color, alpha=0.8,
+                ax.plot(range(len(m["kl_history"])), m["kl_history"], style, color=color, alpha=0.8,
                         label=f"{title.replace('`', '')}, {e.removeprefix('mock_')}")
     ax.axhline(TARGET, color="grey", linestyle=":")
     ax.set(xlabel="PPO update", ylabel="KL of the update's batch", title="KL during PPO (seed 0)")
@@ -488,10 +489,14 @@ def run_grid(keep: Path, cells: list[Cell], extra: list[str]) -> None:
             continue
         walls.append(wall)
         left = len(todo) - i - 1
-        m = measure(cell, keep)
+        estimate = f"{left} cells left, about {left * statistics.mean(walls) / 60:.0f} min at {statistics.mean(walls):.0f} s a cell"
+        try:
+            m = measure(cell, keep)
+        except Exception as error:  # the run is kept: --report-only measures it again
+            print(f"{cell.name}: {wall:.0f} s; measuring it failed ({error!r}); {estimate}", flush=True)
+            continue
         print(f"{cell.name}: {wall:.0f} s; score {m['score_before']:.2f} → {m['score']:.2f}, win rate "
-              f"{m['win_rate']:.3f}, KL {m['kl']:.2f}; {left} cells left, about {left * statistics.mean(walls) / 60:.0f} "
-              f"min at {statistics.mean(walls):.0f} s a cell", flush=True)
+              f"{m['win_rate']:.3f}, KL {m['kl']:.2f}; {estimate}", flush=True)
 
 
 def main() -> None:
