@@ -168,13 +168,13 @@ def _check_mode(mode: str) -> None:
         raise UserError(f"unknown mode {mode!r}; use train_reward or train_policy")
 
 
-def train_function(mode: str, hp) -> Callable:
+def train_function(mode: str, hp: train_reward.HParams | train_policy.HParams) -> Callable:
     """The function that runs `hp` on each rank (`run_experiment` in `mode`)."""
     _check_mode(mode)
     return functools.partial(run_experiment, mode)
 
 
-def run_experiment(mode: str, hp):
+def run_experiment(mode: str, hp: train_reward.HParams | train_policy.HParams):
     """Train per `hp` — a reward model, or a policy offline or online — and, on mock labels, end
     with the labeler's verdict; every run ends (or dies) with its report written (rank 0, when the
     run owns its save folder)."""
@@ -196,9 +196,10 @@ def run_experiment(mode: str, hp):
         write_report(hp)
 
 
-def write_report(hp) -> None:
+def write_report(hp: train_reward.HParams | train_policy.HParams) -> None:
+    """The run report (rank 0, when the run owns its save folder); a run that never started leaves nothing."""
     save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
-    if save_dir is not None and distributed.is_main() and run.owns(save_dir):
+    if save_dir is not None and distributed.is_main() and run.owns(save_dir) and not run.release_if_unstarted(save_dir):
         try:
             print(f"report: {report.write_report(save_dir)}", flush=True)
         except UserError as e:

@@ -32,10 +32,18 @@ options:
 """
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one folder under the save root: `../x` or `a/b` would write elsewhere."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UserError(f"run name {name!r} must be a plain folder name (no '/', not '.' or '..'); "
+                        "choose where runs go with --save_dir")
+
+
 def resolve(mode: str, experiment: str, name: str, flags: dict[str, str], ranks: int = 1):
     """The experiment's hparams with overrides applied and run.save_dir set, validated for a run
     on `ranks` ranks (or as many as torchrun, mpirun or Slurm started)."""
     hp = experiments.get(mode, experiment)
+    check_run_name(name)
     save_root = flags.pop("save_dir", None) or f"/tmp/save/{mode}"
     for key, value in flags.items():
         hp.override_from_str(key, value)

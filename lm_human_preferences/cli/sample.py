@@ -3,11 +3,10 @@
 import torch
 
 from lm_human_preferences.cli import options
-from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task.policy import load_policy
 from lm_human_preferences.training import run, train_policy
-from lm_human_preferences.utils import distributed, storage
+from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
 SAMPLE_HELP = """\
@@ -31,13 +30,12 @@ options:
 
 def _sample_rank(save_dir: str, savescope: str, temperature: float, seed: int | None, batch_size: int,
                  nsamples: int) -> None:
-    hp_path = storage.join(save_dir, "train_policy_hparams.json")
+    hp_path = storage.join(save_dir, save_folders.POLICY_HPARAMS)
     hp = train_policy.HParams.from_json(storage.fetch(hp_path).read_text())
     hp.task.policy.temperature = temperature
     device = distributed.device()
-    model, encoding_name = trained_models.load_initial(storage.join(save_dir, savescope), device=device)
-    encoding = encodings.get(encoding_name)
-    policy = Policy(model.eval(), encoding, hp.task)
+    policy = load_policy(storage.join(save_dir, savescope), hp.task, device)
+    encoding = policy.encoding
     seed = distributed.broadcast_object(seed if seed is not None else int(torch.randint(2 ** 31, ()).item()))
     rank, world = distributed.rank(), distributed.world_size()
     generator = run.rank_generator(seed, device)
@@ -68,7 +66,7 @@ def sample(args: list[str]) -> None:
     if "save_dir" not in flags:
         raise UserError("sample needs --save_dir (a train_policy save folder or URL)")
     save_dir = flags.pop("save_dir")
-    savescope = flags.pop("savescope", "policy")
+    savescope = flags.pop("savescope", save_folders.POLICY)
     ranks = options.pop_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
     seed = options.pop_int(flags, "seed", None)
     batch_size = options.pop_int(flags, "batch_size", 4, minimum=1)

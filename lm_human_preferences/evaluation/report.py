@@ -20,15 +20,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing import event_accumulator
 
+from lm_human_preferences.utils import save_folders as files
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
 
 Scalars = dict[str, dict[int, float]]  # tag -> step -> value
 Series = tuple[str, list[float], list[float]]  # legend label, x, y
 
-REPORT_FILE, PLOT_DIR = "report.html", "report"
-HPARAMS_FILES = ("train_reward_hparams.json", "train_policy_hparams.json")
-RUN_FILES = (*HPARAMS_FILES, "train_reward_summary.json", "mock_summary.json", "samples.json", "tb")
+REPORT_FILE, PLOT_DIR = files.REPORT, files.REPORT_PLOTS
+HPARAMS_FILES = (files.REWARD_HPARAMS, files.POLICY_HPARAMS)
+RUN_FILES = (*HPARAMS_FILES, files.REWARD_SUMMARY, files.MOCK_SUMMARY, files.SAMPLES, files.TENSORBOARD)
 FIGSIZE, DPI = (6, 3.2), 90
 NORM_COLUMNS = ["mean_before", "std_before", "target_mean", "target_std", "gain", "bias", "mean_after", "std_after"]
 
@@ -37,6 +38,7 @@ PPO_PLOTS = [
     ("ppo_score", "Reward model score",
      [("objective/score", "score"), ("objective/score_total", "score − KL penalty")]),
     ("ppo_kl_coef", "KL coefficient", [("objective/kl_coef", "kl_coef")]),
+    ("ppo_kl_negative", "Responses with a negative log-ratio sum", [("objective/kl_negative_share", "share")]),
     ("ppo_entropy", "Policy entropy (nats per token)", [("ppo/policy/entropy", "entropy")]),
     ("ppo_value_error", "Value error (mean squared)", [("ppo/val/error", "value error")]),
     ("ppo_var_explained", "Value function: explained variance of returns", [("ppo/val/var_explained", "explained")]),
@@ -255,7 +257,8 @@ def ppo_section(page: Page, scalars: Scalars, policy_hparams: Any, notes: list[s
     x_of = episode_axis(scalars)
     xlabel = "episodes" if x_of else "update"
     images = [plot(page, "ppo_kl", "KL(policy ‖ initial policy)", xlabel,
-                   [("kl", *series(scalars, "objective/kl", x_of))], band=kl_target(policy_hparams))]
+                   [("kl", *series(scalars, "objective/kl", x_of)), ("k3", *series(scalars, "objective/kl_k3", x_of))],
+                   band=kl_target(policy_hparams))]
     for stem, title, tags in PPO_PLOTS:
         images.append(plot(page, stem, title, xlabel, [(label, *series(scalars, tag, x_of)) for tag, label in tags]))
     images.append(speed_plot(page, scalars, x_of, xlabel))
@@ -267,10 +270,10 @@ def ppo_section(page: Page, scalars: Scalars, policy_hparams: Any, notes: list[s
 def seeds(hparams: dict[str, Any]) -> list[tuple[str, Any]]:
     """(which, seed) for each run found; the reward model's own seed inside train_policy's hparams counts too."""
     found = [(what, dig(hparams.get(name), "run", "seed"))
-             for name, what in (("train_reward_hparams.json", "reward model"), ("train_policy_hparams.json", "policy"))
+             for name, what in ((files.REWARD_HPARAMS, "reward model"), (files.POLICY_HPARAMS, "policy"))
              if name in hparams]
-    nested = dig(hparams.get("train_policy_hparams.json"), "rewards", "train_new_model")
-    if "train_reward_hparams.json" not in hparams and isinstance(nested, dict):
+    nested = dig(hparams.get(files.POLICY_HPARAMS), "rewards", "train_new_model")
+    if files.REWARD_HPARAMS not in hparams and isinstance(nested, dict):
         found.insert(0, ("reward model", dig(nested, "run", "seed")))
     return found
 
@@ -368,18 +371,18 @@ def render(folder: Path, page: Page) -> str:
     """The whole page; each section ends with notes on what it lacks."""
     hparams_notes, reward_notes, ppo_notes, mock_notes, sample_notes = [], [], [], [], []
     hparams = read_hparams(folder, hparams_notes)
-    reward_summary = read_json(folder / "train_reward_summary.json", reward_notes,
+    reward_summary = read_json(folder / files.REWARD_SUMMARY, reward_notes,
                                "reward training did not finish, or this run loaded a trained reward model")
-    reward_tb = read_scalars(folder / "tb" / "reward_model", reward_notes, "no reward model was trained in this "
+    reward_tb = read_scalars(folder / files.TENSORBOARD / files.REWARD_MODEL, reward_notes, "no reward model was trained in this "
                              "run folder, or it stopped before its first batch")
-    ppo_tb = read_scalars(folder / "tb" / "ppo", ppo_notes, "the run may have stopped before its first update, "
+    ppo_tb = read_scalars(folder / files.TENSORBOARD / files.PPO_LOG, ppo_notes, "the run may have stopped before its first update, "
                           "or it only trained a reward model")
-    mock = read_json(folder / "mock_summary.json", mock_notes, "only offline demo runs on mock labels have one")
+    mock = read_json(folder / files.MOCK_SUMMARY, mock_notes, "only offline demo runs on mock labels have one")
     sections = [
         safely("Summary", lambda: headline(mock, reward_summary, ppo_tb, seeds(hparams)) + notes_html(mock_notes)),
         safely("Reward model", lambda: reward_section(page, reward_summary, reward_tb, reward_notes)),
-        safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get("train_policy_hparams.json"), ppo_notes)),
-        safely("Samples", lambda: samples_section(mock, folder / "samples.json", sample_notes)),
+        safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(files.POLICY_HPARAMS), ppo_notes)),
+        safely("Samples", lambda: samples_section(mock, folder / files.SAMPLES, sample_notes)),
         safely("Hyperparameters", lambda: hparams_section(hparams, hparams_notes)),
     ]
     title = html.escape(f"Run report: {folder.resolve().name}")

@@ -6,7 +6,7 @@ from torch import nn
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.language.model import Model
-from lm_human_preferences.utils import distributed, storage
+from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
 
@@ -103,7 +103,7 @@ def reward_stats(rewards: torch.Tensor) -> tuple[float, float]:
 
 def reward_model_folder(path: str) -> str:
     """Accept a train_reward save folder or its `reward_model` subfolder (as the released runs name it)."""
-    nested = storage.join(path, "reward_model")
+    nested = storage.join(path, save_folders.REWARD_MODEL)
     if storage.exists(storage.join(nested, "hparams.json")):
         return nested
     if storage.exists(storage.join(path, "hparams.json")):

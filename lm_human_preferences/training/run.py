@@ -115,6 +115,19 @@ def claim(save_dir: Path) -> None:
     _claimed.add(key)
 
 
+def release_if_unstarted(save_dir: Path) -> bool:
+    """If the run in `save_dir` never started (the folder holds nothing but its lock, and maybe a
+    report), remove what it left — the folder too when empty — and say so (True)."""
+    leftovers = {save_folders.LOCK, save_folders.REPORT, save_folders.REPORT_PLOTS}
+    if not save_dir.is_dir() or any(path.name not in leftovers for path in save_dir.iterdir()):
+        return False
+    for name in leftovers:
+        path = save_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    save_dir.rmdir()
+    return True
+
+
 def owns(save_dir: Path) -> bool:
     """Whether this process holds `save_dir`'s lock (it runs the run that lives there)."""
     return save_dir.resolve() in _claimed
