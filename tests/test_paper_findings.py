@@ -1,0 +1,93 @@
+"""bench/paper_findings.py's bookkeeping: the grid's order, each cell's flags, kept cells read back
+into tables and plots, and the ceiling's reward function. No learning is asserted here."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_human_preferences.cli import launch, options
+from lm_human_preferences.labeling import mock_labelers
+from lm_human_preferences.language import encodings, trained_models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("paper_findings", ROOT / "bench" / "paper_findings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_runs_seed_by_seed_and_each_sweep_after_its_reward_model(bench):
+    cells = bench.grid([0, 1], bench.EXPERIMENTS)
+    assert len(cells) == len(set(cells)) == 2 * len(bench.EXPERIMENTS) * len(bench.KINDS)
+    seeds = [c.seed for c in cells]
+    assert seeds == sorted(seeds)
+    for i, cell in enumerate(cells):
+        if cell.kind.startswith("kl-"):
+            assert cell.sweep_model() in cells[:i]
+    assert bench.grid([3], ["mock_sentiment"], ["kl-off"]) == [bench.Cell("mock_sentiment", 3, "kl-off")]
+
+
+@pytest.mark.parametrize("kind", ["labels-256", "kl-1.5", "kl-off", "online-current", "online-initial",
+                                  "online-initial-h10000"])
+def test_every_cell_resolves_to_valid_hparams(bench, kind, tmp_path):
+    cell = bench.Cell("mock_descriptiveness", 2, kind)
+    hp = launch.resolve("train_policy", cell.experiment, cell.name, options.parse(bench.launch_flags(cell, tmp_path),
+                                                                                  set()))
+    assert hp.run.seed == 2 and hp.run.save_dir == str(tmp_path / cell.name)
+    if kind == "kl-off":
+        assert hp.rewards.adaptive_kl is None and hp.rewards.kl_coef == 0
+    else:
+        assert hp.rewards.adaptive_kl.horizon == (bench.DEFAULT_HORIZON if kind.endswith("h10000") else bench.HORIZON)
+    if kind.startswith("kl-"):
+        assert hp.rewards.train_new_model is None
+        assert hp.rewards.trained_model == str(tmp_path / cell.sweep_model().name)
+    if kind == "kl-1.5":
+        assert hp.rewards.adaptive_kl.target == 1.5
+    if kind.startswith("online"):
+        assert hp.rewards.online.normalize_on == ("current" if kind == "online-current" else "initial")
+    if kind == "labels-256":
+        assert hp.rewards.train_new_model.labels.num_train == 256 and hp.rewards.adaptive_kl.target == bench.TARGET
+
+
+def fake_findings(cell, kl: float, score: float) -> dict:
+    """What measure_folder writes, with made-up numbers."""
+    return dict(cell=cell.name, wall_time=10.0, kl=kl, score=score, score_before=0.0, score_distinct=score / 2,
+                win_rate=0.5 + score / 10, repeated_words=0.1, proxy_rm_after=score * 2, heldout_accuracy=0.8,
+                own_rm_after_std=1.0, kl_history=[0.0, kl], kl_coef_history=[0.15, 0.1], score_history=[0.0, score])
+
+
+def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_path, capsys):
+    keep, docs = tmp_path / "keep", tmp_path / "docs"
+    cells = bench.grid([0, 1], ["mock_sentiment"], ["labels-2048", "labels-256", "kl-off", "online-initial"])
+    done = cells[:-1]
+    for i, cell in enumerate(done):
+        (keep / cell.name).mkdir(parents=True)
+        (keep / cell.name / bench.DONE_FILE).write_text("10.0")
+        findings = fake_findings(cell, kl=1.0 + i, score=float(i))
+        (keep / cell.name / bench.MEASURED_FILE).write_text(json.dumps(findings))
+    bench.report_all(keep, cells, ["mock_sentiment"], docs)
+    out = capsys.readouterr().out
+    assert f"Missing cells: {cells[-1].name}" in out
+    scores = [float(done.index(c)) for c in done if c.kind == "labels-2048"]  # both seeds
+    two_seeds = [line for line in out.splitlines() if "| 2048 labels | 2 |" in line]
+    assert two_seeds and f"{sum(scores) / 2:.2f} ({min(scores):.2f}–{max(scores):.2f})" in two_seeds[0]
+    assert (keep / "tables.md").read_text().startswith("Kept in")
+    for name in ("paper_label_scaling.png", "paper_kl_tradeoff.png", "paper_online_kl.png"):
+        assert (docs / name).stat().st_size > 0
+
+
+def test_the_ceiling_rewards_the_labelers_score_normalized(bench):
+    encoding = encodings.get(trained_models.load_initial("kjv")[1])
+    text = " And the LORD was good and glad"
+    response = torch.tensor([encoding.encode(text)])
+    reward = bench.LabelerReward("sentiment", encoding, 0.5, 2.0)
+    expected = (mock_labelers.sentiment("", encoding.decode(response[0].tolist())) - 0.5) / 2.0
+    assert expected > 0
+    assert reward(torch.zeros_like(response), response).tolist() == pytest.approx([expected])
