@@ -282,6 +282,94 @@ def measure(cell: Cell, keep: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+# -- the online overshoot: how strong the reward is, round by round
+
+
+def checkpoint_names(folder: Path) -> dict[int, str]:
+    """step → file name of the checkpoints a model folder kept (the newest few)."""
+    return {int(p.stem.split("-")[1]): p.name for p in sorted((folder / "checkpoints").glob("model-*.safetensors"))}
+
+
+@torch.no_grad()
+def reward_strength(cell: Cell, keep: Path) -> list[dict]:
+    """For each kept PPO checkpoint at a label round's update (and the offline run's checkpoints):
+    the mean and spread (std) of the reward models' scores of that policy's responses to the 256
+    test queries — the reward model the policy trained against until then (`before`) and the one
+    it trains against from then on (`after`; offline both are the one reward model). PPO's
+    advantages are whitened, so what weighs against kl_coef · KL is this spread."""
+    folder = keep / cell.name
+    hp = train_policy.HParams.from_json((folder / train_policy.HPARAMS_FILE).read_text())
+    task, ref = hp.task, demo.initial_policy(hp.task)
+    queries = next(lm_tasks.query_batches(task, ref.encoding, demo.VERDICT_QUERIES, mode="test"))
+    policies, models = checkpoint_names(folder / train_policy.PHASE), checkpoint_names(folder / "reward_model")
+    rounds = json.loads((folder / "online_summary.json").read_text()) if (folder / "online_summary.json").exists() else []
+    reward_model = rewards.load_trained(str(folder)).eval()
+    policy = load_policy(folder / train_policy.PHASE, task)
+
+    def scores(update: int, model_step: int | None) -> tuple[float, float]:
+        if model_step is not None:
+            reward_model.load_tensors(trained_models.load_file(folder / "reward_model", models[model_step]).tensors)
+        p = ref
+        if update > 0:
+            trained_models.load_into(policy.model, trained_models.load_file(folder / train_policy.PHASE,
+                                                                            policies[update]).tensors, "the policy")
+            p = policy
+        rollouts = p.respond(queries, task.response_length, torch.Generator(p.device).manual_seed(cell.seed))
+        values = reward_model(queries, lm_tasks.postprocess_responses(task, rollouts["responses"],
+                                                                      p.encoding.padding_token))
+        return values.mean().item(), values.std(unbiased=False).item()
+
+    out = []
+    if rounds:
+        for r in rounds:
+            if r["update"] == 0 or r["update"] not in policies or r["round"] not in models \
+                    or r["round"] - 1 not in models:
+                continue
+            entry = dict(update=r["update"], round=r["round"])
+            for key, step in (("before", r["round"] - 1), ("after", r["round"])):
+                entry[f"{key}_mean"], entry[f"{key}_std"] = scores(r["update"], step)
+                entry[f"{key}_initial_mean"], entry[f"{key}_initial_std"] = scores(0, step)
+            out.append(entry)
+    else:
+        for update in sorted(u for u in policies if u > 0):
+            entry = dict(update=update)
+            entry["after_mean"], entry["after_std"] = scores(update, None)
+            entry["after_initial_mean"], entry["after_initial_std"] = scores(0, None)
+            out.append(entry)
+    return out
+
+
+def strength(cell: Cell, keep: Path) -> list[dict] | None:
+    """reward_strength, computed once (DIR/<cell>/reward_strength.json); None for unfinished cells."""
+    folder = keep / cell.name
+    if not (folder / DONE_FILE).exists():
+        return None
+    path = folder / "reward_strength.json"
+    if not path.exists():
+        path.write_text(json.dumps(reward_strength(cell, keep), indent=1))
+    return json.loads(path.read_text())
+
+
+def strength_table(keep: Path, cells: list[Cell]) -> str:
+    header = ["run", "PPO update", "reward model", "mean score of the policy's samples", "their spread (std)",
+              "spread on the initial policy's samples", "kl_coef then", "KL (6 updates before)"]
+    rows = []
+    for cell in cells:
+        if cell.kind not in [k for k, _ in ONLINE_KINDS] or cell.seed != min(c.seed for c in cells):
+            continue
+        found, m = strength(cell, keep), measure(cell, keep)
+        for entry in found or []:
+            coef, kl = m["kl_coef_history"], m["kl_history"]
+            at = min(entry["update"], len(coef) - 1)
+            for key in ("before", "after"):
+                if f"{key}_mean" in entry:
+                    which = ("round " + str(entry["round"] - (key == "before"))) if "round" in entry else "the one"
+                    rows.append([cell.name, str(entry["update"]), which, f"{entry[key + '_mean']:.2f}",
+                                 f"{entry[key + '_std']:.2f}", f"{entry[key + '_initial_std']:.2f}", f"{coef[at]:.3f}",
+                                 f"{statistics.mean(kl[max(0, at - 5):at + 1]):.2f}"])
+    return markdown(header, rows)
+
+
 # -- tables
 
 
@@ -465,6 +553,7 @@ def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path
         "### Label scaling\n\n" + label_table(results, experiments),
         "### KL trade-off\n\n" + kl_table(results, experiments),
         "### Online against offline\n\n" + online_table(results, experiments),
+        "### The reward's strength, round by round (first seed)\n\n" + strength_table(keep, cells),
         "Missing cells: " + (", ".join(missing) or "none")])
     print(text)
     (keep / "tables.md").write_text(text + "\n")

@@ -72,6 +72,10 @@ def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_pat
         (keep / cell.name / bench.DONE_FILE).write_text("10.0")
         findings = fake_findings(cell, kl=1.0 + i, score=float(i))
         (keep / cell.name / bench.MEASURED_FILE).write_text(json.dumps(findings))
+        strength = [dict(update=1, round=1, before_mean=0.5, before_std=1.5, before_initial_mean=0.0,
+                         before_initial_std=1.0, after_mean=1.0, after_std=2.5, after_initial_mean=0.0,
+                         after_initial_std=1.0)]
+        (keep / cell.name / "reward_strength.json").write_text(json.dumps(strength))
     bench.report_all(keep, cells, ["mock_sentiment"], docs)
     out = capsys.readouterr().out
     assert f"Missing cells: {cells[-1].name}" in out
@@ -79,6 +83,7 @@ def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_pat
     two_seeds = [line for line in out.splitlines() if "| 2048 labels | 2 |" in line]
     assert two_seeds and f"{sum(scores) / 2:.2f} ({min(scores):.2f}–{max(scores):.2f})" in two_seeds[0]
     assert (keep / "tables.md").read_text().startswith("Kept in")
+    assert "| mock_sentiment-s0-online-initial | 1 | round 1 | 1.00 | 2.50 | 1.00 | 0.100 |" in out
     for name in ("paper_label_scaling.png", "paper_kl_tradeoff.png", "paper_online_kl.png"):
         assert (docs / name).stat().st_size > 0
 
