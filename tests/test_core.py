@@ -24,16 +24,18 @@ def test_whiten_constant_input_uses_epsilon():
 def test_logprobs_and_entropy_from_logits():
     logits = torch.log(torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 2.0]]))  # probs /6 and /4
     labels = torch.tensor([2, 0])
-    torch.testing.assert_close(core.logprobs_from_logits(logits, labels), torch.tensor([math.log(0.5), math.log(0.25)]))
+    logprobs, entropy = core.logprobs_and_entropy(logits, labels)
+    torch.testing.assert_close(logprobs, torch.tensor([math.log(0.5), math.log(0.25)]))
     entropy0 = -(1 / 6 * math.log(1 / 6) + 2 / 6 * math.log(2 / 6) + 3 / 6 * math.log(3 / 6))  # 1.011404
     entropy1 = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))  # 1.039721
-    torch.testing.assert_close(core.entropy_from_logits(logits), torch.tensor([entropy0, entropy1]))
+    torch.testing.assert_close(entropy, torch.tensor([entropy0, entropy1]))
+    assert core.logprobs_and_entropy(logits, labels, entropy=False)[1] is None
     assert abs(entropy0 - 1.011404) < 1e-6
 
 
 def test_logprobs_shift_invariant_and_float32_under_bf16():
     logits = torch.tensor([[100.0, 101.0]], dtype=torch.bfloat16)
-    out = core.logprobs_from_logits(logits, torch.tensor([1]))
+    out, _ = core.logprobs_and_entropy(logits, torch.tensor([1]))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([-math.log1p(math.exp(-1.0))]))
 

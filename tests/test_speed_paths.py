@@ -198,9 +198,9 @@ def test_analyze_responses_entropy_is_a_statistic():
     out = policy.analyze_responses(QUERIES, SAMPLED[:3])
     assert out["logprobs"].requires_grad and not out["entropies"].requires_grad
     logits = policy.model(torch.cat([QUERIES, SAMPLED[:3]], 1), PAD).logits[:, 3:-1].float() / task.policy.temperature
-    from lm_human_preferences.utils import core
-    assert torch.equal(out["entropies"], core.entropy_from_logits(logits.detach()))
-    assert torch.equal(out["logprobs"].detach(), core.logprobs_from_logits(logits.detach(), SAMPLED[:3]))
+    logp = torch.log_softmax(logits.detach(), -1)
+    assert torch.equal(out["entropies"], -(logp.exp() * logp).sum(-1))
+    assert torch.equal(out["logprobs"].detach(), logp.gather(-1, SAMPLED[:3].unsqueeze(-1)).squeeze(-1))
     assert policy.analyze_responses(QUERIES, SAMPLED[:3], entropies=False)["entropies"] is None
 
 

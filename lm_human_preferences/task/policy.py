@@ -1,7 +1,6 @@
 """The policy: a language model (plus a `value` head when trained) that answers queries."""
 
 import torch
-import torch.nn.functional as F
 
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.language import encodings, sample, trained_models
@@ -74,13 +73,8 @@ class Policy:
         logits = out.logits.float()
         if self.temperature != 1.0:  # x / 1.0 == x: skip a copy of the largest tensor here
             logits = logits / self.temperature
-        logp = F.log_softmax(logits, dim=-1)  # float32, computed once
-        result = dict(logprobs=logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropies=None,
-                      values=out.heads.get("value"))
-        if entropies:
-            with torch.no_grad():
-                result["entropies"] = -(logp.exp() * logp).sum(-1)
-        return result
+        logprobs, entropy = core.logprobs_and_entropy(logits, responses, entropies)
+        return dict(logprobs=logprobs, entropies=entropy, values=out.heads.get("value"))
 
 
 def load_policy(model: str, task: lm_tasks.TaskHParams, device: torch.device | str = "cpu",

@@ -39,17 +39,16 @@ def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> 
     return whitened
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels], computed in float32. logits [..., V], labels [...]."""
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits)[labels] and the entropy of softmax(logits) along the last axis, from one
+    float32 log-softmax. The entropy is only a statistic: computed without gradient (None if not asked)."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) along the last axis, in float32."""
-    logits = logits.float()
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    logprobs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        return logprobs, -(logp.exp() * logp).sum(-1)
 
 
 def row_slices(rows: int, chunk_size: int | None) -> list[slice]:
