@@ -25,7 +25,7 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     import datasets
 
-    return list(datasets.load_dataset("json", data_files=str(path), split="train"))
+    return list(datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(path.parent / "hf")))
 
 
 def label(args: list[str]) -> int:
@@ -251,3 +251,28 @@ def test_imported_pairs_train_a_best_of_2_reward_model(tmp_path, capsys):
     assert summary["heldout"]["chance"] == 0.5
     assert np.isfinite(summary["train"]["train/loss"])
     assert (tmp_path / "pairs" / "reward_model" / "checkpoints" / "latest").exists()
+
+
+def test_released_labels_export_and_import_through_their_url(http_server, tmp_path, capsys):
+    """The released schema (GPT-2 tokens, books task: 64-token queries, 24-token responses cut after
+    a '.' from index 16 on) from its gs:// URL, served by the fixture server."""
+    enc = encodings.get("main")
+    pad = enc.padding_token
+    query = enc.encode("She opened the door and looked outside. The garden was quiet.")
+    responses = [enc.encode(" The roses were red and the grass was wet with dew, and the old stone wall glowed in the sun."),
+                 enc.encode(" Nothing moved, and she closed the door again."),
+                 enc.encode(" A bird sang somewhere in the tall trees beyond the wall, and the wind blew softly through"),
+                 enc.encode(" It was night.")]
+    assert all(len(r) <= 24 for r in responses) and responses[0].index(13) >= 16
+    record = {"query": query + [pad] * (64 - len(query)), "best": 0,
+              **{f"sample{i}": r + [pad] * (24 - len(r)) for i, r in enumerate(responses)}}
+    http_server.add_file("lm-human-preferences/labels/descriptiveness/offline_5k.json", json.dumps([record]).encode())
+    source = "gs://lm-human-preferences/labels/descriptiveness/offline_5k.json"
+    pairs, back = tmp_path / "descriptiveness.jsonl", tmp_path / "back.json"
+    assert label(["export", source, "--experiment", "descriptiveness", "--out", pairs]) == 0
+    rows = read_jsonl(pairs)
+    assert [r["rejected"] for r in rows] == [enc.decode(r) for r in responses[1:]]
+    assert rows[0]["prompt"] == "She opened the door and looked outside. The garden was quiet."
+    assert label(["import", pairs, "--experiment", "descriptiveness", "--out", back]) == 0
+    assert "wrote 3 best_of_2 records from 3 pairs" in capsys.readouterr().out
+    assert best_pairs(json.loads(back.read_text()), 2) == best_pairs([record], 4)
