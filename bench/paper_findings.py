@@ -496,20 +496,45 @@ def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_kl(results: Results, experiments: list[str], path: Path) -> None:
+def labeler_scales(keep: Path, experiments: list[str]) -> dict[str, float]:
+    """Each labeler's (and its distinct variant's) std on 256 of the initial policy's samples (seed 0),
+    computed once (DIR/labeler_scales.json): the unit the KL plot puts true scores in."""
+    from lm_human_preferences import experiments as named
+
+    path = keep / "labeler_scales.json"
+    scales = json.loads(path.read_text()) if path.exists() else {}
+    for e in experiments:
+        labeler = e.removeprefix("mock_")
+        for name in (labeler, f"{labeler}_distinct"):
+            if name not in scales:
+                scales[name] = labeler_moments(name, named.get("train_policy", e).task, demo.VERDICT_QUERIES, 0)[1]
+    path.write_text(json.dumps(scales, indent=1))
+    return scales
+
+
+def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[str, float]) -> None:
+    """Gains over the initial policy in units of the initial policy's spread, so that the labeler's
+    score and the reward model's (normalized to std 1 there) share an axis."""
     plt, fig, axes = figure(len(experiments))
     for ax, e in zip(axes, experiments):
+        labeler = e.removeprefix("mock_")
         per = [of(results, e, kind) for kind, _ in sweep_kinds()]
         xs = [statistics.mean([m["kl"] for m in ms]) if ms else None for ms in per]
         have = [(x, ms) for x, ms in zip(xs, per) if ms]
-        for key, label, color in (("score", "labeler's score (true)", "C0"),
-                                  ("proxy_rm_after", "reward model's score (proxy)", "C1"),
-                                  ("score_distinct", "distinct-word score (saturating)", "C2")):
-            points = [(x, [m for m in ms if m.get(key) is not None]) for x, ms in have]
-            band(ax, [x for x, _ in points], [[m[key] for m in ms] for _, ms in points], label, color)
-            for _, ms in points:
-                ax.scatter([m["kl"] for m in ms], [m[key] for m in ms], color=color, s=8, alpha=0.6)
-        ax.set(xscale="log", xlabel="final KL from the initial policy (nats)", ylabel="score of the final policy",
+        gains: list[tuple[Callable[[dict], float | None], str, str]] = [
+            (lambda m: (m["score"] - m["score_before"]) / scales[labeler], "labeler's score (true)", "C0"),
+            (lambda m: m["proxy_rm_after"] - m["proxy_rm_before"] if "proxy_rm_after" in m else None,
+             "2,048-label reward model's score (proxy)", "C1"),
+            (lambda m: (m["score_distinct"] - m["score_before_distinct"]) / scales[f"{labeler}_distinct"],
+             "distinct-word score (saturating)", "C2")]
+        for gain, label, color in gains:
+            points = [(x, [(m["kl"], gain(m)) for m in ms if gain(m) is not None]) for x, ms in have]
+            points = [(x, ps) for x, ps in points if ps]
+            band(ax, [x for x, _ in points], [[g for _, g in ps] for _, ps in points], label, color)
+            for _, ps in points:
+                ax.scatter([k for k, _ in ps], [g for _, g in ps], color=color, s=8, alpha=0.6)
+        ax.set(xscale="log", xlabel="final KL from the initial policy (nats)",
+               ylabel="gain over the initial policy (its std = 1)",
                title=f"{e}: KL targets {', '.join(t for _, t in sweep_kinds())}")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -559,7 +584,7 @@ def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path
     (keep / "tables.md").write_text(text + "\n")
     docs.mkdir(parents=True, exist_ok=True)
     plot_labels(results, experiments, docs / "paper_label_scaling.png")
-    plot_kl(results, experiments, docs / "paper_kl_tradeoff.png")
+    plot_kl(results, experiments, docs / "paper_kl_tradeoff.png", labeler_scales(keep, experiments))
     plot_online(results, experiments, docs / "paper_online_kl.png")
     print(f"plots: {', '.join(str(docs / n) for n in ('paper_label_scaling.png', 'paper_kl_tradeoff.png', 'paper_online_kl.png'))}")
 

@@ -60,7 +60,7 @@ def fake_findings(cell, kl: float, score: float) -> dict:
     """What measure_folder writes, with made-up numbers."""
     return dict(cell=cell.name, wall_time=10.0, kl=kl, score=score, score_before=0.0, score_distinct=score / 2,
                 win_rate=0.5 + score / 10, repeated_words=0.1, proxy_rm_after=score * 2, heldout_accuracy=0.8,
-                own_rm_after_std=1.0, kl_history=[0.0, kl], kl_coef_history=[0.15, 0.1], score_history=[0.0, score])
+                own_rm_after_std=1.0, proxy_rm_before=0.0, score_before_distinct=0.0, kl_history=[0.0, kl], kl_coef_history=[0.15, 0.1], score_history=[0.0, score])
 
 
 def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_path, capsys):
@@ -76,6 +76,7 @@ def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_pat
                          before_initial_std=1.0, after_mean=1.0, after_std=2.5, after_initial_mean=0.0,
                          after_initial_std=1.0)]
         (keep / cell.name / "reward_strength.json").write_text(json.dumps(strength))
+    (keep / "labeler_scales.json").write_text(json.dumps({"sentiment": 0.7, "sentiment_distinct": 0.6}))
     bench.report_all(keep, cells, ["mock_sentiment"], docs)
     out = capsys.readouterr().out
     assert f"Missing cells: {cells[-1].name}" in out
