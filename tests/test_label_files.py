@@ -54,6 +54,11 @@ def test_load_through_gs_url(http_server, tmp_path):
     (json.dumps([record(best=4)]), r"record 0: 'best' is 4; it must be an integer in 0..3"),
     (json.dumps([record(best="1")]), r"'best' is '1'; it must be an integer"),
     ("[]", "holds no records"),
+    (json.dumps([record()]) + json.dumps([record()]), "unexpected data after the JSON list .*two files joined"),
+    (json.dumps([record()]) + "\n  garbage", r"unexpected data after the JSON list \(line 2, column 3: 'garbage'\)"),
+    ("[] x", "unexpected data after the JSON list"),
+    ("[" + "1" * 5000 + "]", "record 0 cannot be read"),
+    ("[" + "[" * 100000 + "]", "record 0 cannot be read"),
 ])
 def test_defects_give_specific_errors(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -87,6 +92,27 @@ def test_split_num_train_and_heldout_by_unique_query(tmp_path):
     assert heldout.columns["query"][:, 0].tolist() == [4, 5]  # 1 and 2 were seen in training
     with pytest.raises(UserError, match="f.json holds 7 labels but labels.num_train is 8; lower labels.num_train to at most 7"):
         label_files.split(everything, 8, "f.json")
+
+
+def test_trailing_whitespace_is_fine(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps([record(best=2)]) + "\n\n  \t")
+    assert label_files.load(str(path), BO4, 4, 2, VOCAB).columns["best"].tolist() == [2]
+
+
+def test_no_heldout_set_is_said(tmp_path, capsys):
+    """Later records that all share training queries leave nothing held out: one warning line."""
+    recs = [record(query=[q, 0, 0, 0]) for q in [1, 2, 3, 1, 2, 3, 3]]
+    everything = label_files.load(write(tmp_path, recs), BO4, 4, 2, VOCAB)
+    train, heldout = label_files.split(everything, 3, "f.json")
+    assert len(train) == 3 and len(heldout) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("warning: f.json: all 4 labels after the first 3") \
+        and "nothing is held out" in out, out
+    label_files.split(label_files.load(write(tmp_path, recs[:3] + [record(query=[9, 0, 0, 0])]), BO4, 4, 2, VOCAB),
+                      3, "g.json")
+    label_files.split(everything, 7, "h.json")  # nothing after the training labels: nothing to warn about
+    assert capsys.readouterr().out == ""
 
 
 def test_test_source():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lm_human_preferences.labeling.label_types import LabelType
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import logging, storage
 from lm_human_preferences.utils.jsonstream import json_list_items
 from lm_human_preferences.utils.errors import UserError
 
@@ -104,6 +104,10 @@ def split(labels: Labels, num_train: int, source: str) -> tuple[Labels, Labels]:
     rest = labels[num_train:]
     seen = {q.tobytes() for q in train.columns["query"]}
     unseen = np.array([q.tobytes() not in seen for q in rest.columns["query"]], dtype=bool)
+    if len(rest) and not unseen.any():
+        logging.print_main(f"warning: {source}: all {len(rest)} labels after the first {num_train} (labels.num_train) "
+                           "share a query with a training label, so nothing is held out and no held-out accuracy "
+                           "is measured; lower labels.num_train or add labels of other queries")
     return train, rest[unseen]
 
 

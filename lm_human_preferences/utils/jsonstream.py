@@ -17,6 +17,7 @@ def json_list_items(text: str, source: str) -> Iterator:
         raise UserError(f"{source}: the file must be a JSON list of records")
     pos = _WHITESPACE.match(text, pos + 1).end()
     if text.startswith("]", pos):
+        _check_end(text, pos + 1, source)
         return
     index = 0
     while True:
@@ -25,13 +26,26 @@ def json_list_items(text: str, source: str) -> Iterator:
         except json.JSONDecodeError as e:
             raise UserError(f"{source}: invalid JSON in record {index} (line {e.lineno}, column {e.colno}: "
                             f"{e.msg}); the file may be truncated, download it again") from None
+        except (ValueError, RecursionError) as e:  # an integer too long to read, or nesting too deep
+            raise UserError(f"{source}: record {index} cannot be read ({type(e).__name__}: {e})") from None
         yield record
         index += 1
         pos = _WHITESPACE.match(text, pos).end()
         if text.startswith(",", pos):
             pos = _WHITESPACE.match(text, pos + 1).end()
         elif text.startswith("]", pos):
+            _check_end(text, pos + 1, source)
             return
         else:
             raise UserError(f"{source}: invalid JSON after record {index - 1} (expected ',' or ']'); "
                             "the file may be truncated, download it again")
+
+
+def _check_end(text: str, pos: int, source: str) -> None:
+    """Nothing but whitespace may follow the list: more is two files joined, or a broken copy."""
+    rest = _WHITESPACE.match(text, pos).end()
+    if rest < len(text):
+        line = text.count("\n", 0, rest) + 1
+        raise UserError(f"{source}: unexpected data after the JSON list (line {line}, column "
+                        f"{rest - text.rfind(chr(10), 0, rest)}: {text[rest:rest + 20]!r}); two files joined or a "
+                        "broken copy? Download or write the file again")

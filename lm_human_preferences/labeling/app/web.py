@@ -105,6 +105,7 @@ class HTTPError(Exception):
 
 class LabelServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: at the default 5, a burst of labelers waits for SYN retries (1 s)
 
     def __init__(self, queue: LabelQueue, page: Page, host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None):
