@@ -441,3 +441,154 @@ def test_serve_help_and_instructions(capsys):
     assert web.instructions("test", "test", bo4) == "Pick the best continuation of the text."
     with pytest.raises(UserError, match="best_of_N or scalar_rating"):
         questions.count_responses(label_types.get("scalar_compare"))
+
+
+def start_serve(tmp_path: Path, *args: str, ignore_sigint: bool = False) -> tuple[subprocess.Popen, str, list[str]]:
+    """`label.py serve test` in a process of its own; (the process, its URL, its lines so far).
+    The caller must kill it in a `finally` (a test that fails must not leave a server behind)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    process = subprocess.Popen([sys.executable, str(ROOT / "label.py"), "serve", "test", *args, "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                               preexec_fn=preexec)
+    lines: list[str] = []
+    while not (lines and lines[-1].startswith("open ")):
+        line = process.stdout.readline()
+        if not line:
+            process.kill()
+            raise AssertionError("".join(lines))
+        lines.append(line)
+    return process, lines[-1].split()[1], lines
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_with_its_summary_when_started_with_sigint_ignored(tmp_path, signum):
+    """As from a script's `&`: SIGINT ignored when it starts. Either signal stops it, with browsers
+    connected (one idle connection, one request sent halfway), and prints the summary."""
+    out = tmp_path / "labels.json"
+    process, url, _ = start_serve(tmp_path, "--out", str(out), "--n", "3", ignore_sigint=True)
+    try:
+        Client(url).label(2)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        idle, halfway = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        halfway.sendall(b"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.2)  # both connections are with handler threads now
+        process.send_signal(signum)
+        rest, _ = process.communicate(timeout=30)
+        idle.close()
+        halfway.close()
+    finally:
+        process.kill()
+    assert process.returncode == 0, rest
+    assert "stopped: labelled 1/3 questions, skipped 0" in rest and "Traceback" not in rest, rest
+    assert len(json.loads(out.read_text())) == 1
+
+
+def test_requests_for_other_hosts_are_refused(tmp_path):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 gets nothing."""
+    with serving(new_queue(tmp_path / "labels.json")) as server:
+        port = server.server_address[1]
+        client = Client(server.url)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+            assert client.request("GET", "/api/state", headers={"Host": host})[0] == 200
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", f"[::1]:{port}",
+                     f"localhost.evil.example:{port}", ""):
+            for method, path in (("GET", "/"), ("GET", "/api/state"), ("GET", "/api/agreement"), ("POST", "/api/undo")):
+                status, data = client.request(method, path, b"{}" if method == "POST" else None,
+                                              {"Host": host, "Content-Type": "application/json"})
+                assert status == 403 and "this machine only" in data["error"], (host, path, status, data)
+        assert server.queue.progress()["labelled"] == 0
+    with serving(new_queue(tmp_path / "open.json"), token="s3cret") as server:  # on loopback the check stays
+        assert Client(server.url).request("GET", "/api/state?token=s3cret", headers={"Host": "evil.example"})[0] == 403
+    queue = new_queue(tmp_path / "other.json")
+    server = web.LabelServer(queue, web.Page("t", "i"), "0.0.0.0", 0, "s3cret")  # opened to other hosts
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert Client(url).request("GET", "/api/state?token=s3cret", headers={"Host": "labels.example.org"})[0] == 200
+        assert Client(url).request("GET", "/api/state", headers={"Host": "labels.example.org"})[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+        queue.close()
+
+
+def test_an_earlier_versions_journal_is_migrated_once(tmp_path):
+    """FILE.questions.json and FILE.journal.jsonl of the earlier app (its last line cut short by a
+    crash) move into FILE.sqlite: the same answers, undos and labellers; the journal is renamed."""
+    out = tmp_path / "labels.json"
+    hp, policy = policy_of("test")
+    items = questions.prepare(policy, hp.task, 5, 4, 0, None)
+    label_type = label_types.get("best_of_4")
+    questions.save(out.with_name("labels.json.questions.json"), label_type, items)
+    a, b = "a" * 32, "b" * 32
+    events = [dict(seq=0, event="answer", id=0, session=a, label=1, time=1.0),
+              dict(seq=1, event="answer", id=1, session=b, label=None, time=2.0),
+              dict(seq=2, event="answer", id=2, session=a, label=3, time=3.0),
+              dict(seq=3, event="undo", undo=2, session=a, time=4.0),
+              dict(seq=4, event="answer", id=3, session=b, label=2, time=5.0)]
+    journal = out.with_name("labels.json.journal.jsonl")
+    journal.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"seq": 5, "event": "ans')
+    out.write_text("[]")  # as the earlier app left it (any content: it is written again)
+
+    queue = LabelQueue(out, label_type)
+    assert not journal.exists() and journal.with_name(journal.name + ".migrated").exists()
+    assert list(queue.items) == items
+    assert queue.progress() == dict(questions=5, labelled=2, skipped=1, complete=3, overlapped=0)
+    assert queue.next_question(a) == 2  # its undone question again
+    queue.close()
+    assert json.loads(out.read_text()) == expected_records(queue, [(0, 1), (3, 2)])
+    assert stored_events(out) == [("answer", 0), ("answer", 1), ("answer", 2), ("undo", None), ("answer", 3)]
+
+    journal.with_name(journal.name + ".migrated").rename(journal)  # as a crash between migrating and renaming
+    again = LabelQueue(out, label_type)
+    assert again.progress()["labelled"] == 2 and len(stored_events(out)) == 5 and not journal.exists()
+    again.close()
+    other = tmp_path / "other.json"
+    LabelQueue(other, label_type).close()
+    other.with_name("other.json.journal.jsonl").write_text(json.dumps(events[0]) + "\n")
+    with pytest.raises(UserError, match="event 0 cannot be replayed .no question 0"):
+        LabelQueue(other, label_type)  # a journal without its questions
+    assert stored_events(other) == [] and other.with_name("other.json.journal.jsonl").exists()  # rolled back
+    with pytest.raises(UserError, match="both hold answers"):
+        with sqlite3.connect(out.with_name("labels.json.sqlite")) as db:
+            db.execute("DELETE FROM meta WHERE key = 'migrated'")
+        out.with_name("labels.json.journal.jsonl").write_text(json.dumps(events[0]) + "\n")
+        LabelQueue(out, label_type)
+    bad = tmp_path / "bad.json"
+    bad.with_name("bad.json.journal.jsonl").write_text('{"seq": 0, "event": "answer", "id": "0", "session": "x"}\n')
+    with pytest.raises(UserError, match="line 1 lacks 'id'"):
+        LabelQueue(bad, label_type)
+
+
+def test_counters_kept_as_answers_come_equal_a_recount(tmp_path):
+    """Random labels, skips and undos by three labelers on overlapping questions: the progress and
+    agreement the queue keeps equal those recounted from its answers."""
+    import random
+
+    queue = new_queue(tmp_path / "labels.json", n=30, overlap=0.5)
+    rng = random.Random(0)
+    sessions = [f"{i:032x}" for i in range(3)]
+    try:
+        for _ in range(150):
+            session = rng.choice(sessions)
+            qid = queue.next_question(session)
+            if rng.random() < 0.2 and queue.can_undo(session):
+                queue.undo(session)
+            elif qid is not None:
+                queue.skip(session, qid) if rng.random() < 0.2 else queue.label(session, qid, rng.randrange(4))
+            labels = {i: [a.label for a in queue.answers.get(i, []) if a.label is not None] for i in range(30)}
+            complete = [i for i in range(30) if len(queue.answers.get(i, [])) >= (2 if queue.overlapped(i) else 1)]
+            assert queue.progress() == dict(questions=30, labelled=sum(bool(ls) for ls in labels.values()),
+                                            skipped=sum(not labels[i] for i in complete), complete=len(complete),
+                                            overlapped=sum(queue.overlapped(i) for i in range(30)))
+            pairs = [ls[:2] for ls in labels.values() if len(ls) > 1]
+            agreement = queue.agreement()
+            assert agreement["doubly_labelled"] == len(pairs) and agreement["agreed"] == sum(x == y for x, y in pairs)
+            assert sum(r["labelled"] for r in agreement["labelers"]) == sum(map(len, labels.values()))
+        assert agreement["doubly_labelled"] > 3
+    finally:
+        queue.close()
+    firsts = [(i, ls[0]) for i, ls in sorted(labels.items(), key=lambda kv: kv[0]) if ls]
+    assert sorted((r["query"], r["best"]) for r in json.loads(queue.out.read_text())) == \
+        sorted((queue.items[i].question.query, label) for i, label in firsts)

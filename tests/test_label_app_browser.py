@@ -213,7 +213,10 @@ def test_texts_are_shown_as_text_and_no_script_runs(tmp_path, browsers):
         assert console_errors(driver) == []
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=20)
+        try:
+            rest, _ = process.communicate(timeout=20)
+        finally:
+            process.kill()  # a server that did not stop must not outlive the test
     assert process.returncode == 0 and "stopped: labelled 1/1 questions" in rest, rest
     assert json.loads(out.read_text()) == [collect.record(question, 2)]
 
@@ -233,7 +236,11 @@ def test_two_labelers_on_overlapping_questions(tmp_path, browsers):
     for page in (first, second):
         page.open(server.url)
         assert page.question_id() is None
-        assert page.text("agreement").startswith("Agreement: 75% (3 of 4 questions labelled twice")
+        text = page.text("agreement")
+        assert text.startswith("Agreement: 75% (3 of 4 questions labelled twice") and "by chance 25%, kappa 0.67" in text
+        you = "labeler 1 (you) 75% of 4, labeler 2 75% of 4" if page is first else \
+            "labeler 1 75% of 4, labeler 2 (you) 75% of 4"
+        assert text.endswith(f"Per labeler: {you}"), text
     assert server.queue.agreement()["rate"] == 0.75
     stop(server)
     assert console_errors(first.driver) == console_errors(second.driver) == []

@@ -163,12 +163,15 @@ class LabelQueue:
         self._reader: Store | None = None  # for reading questions after `close`
         self._cache: OrderedDict[int, questions.Item] = OrderedDict()
         self._init_state()
-        if legacy.exists():
-            self._migrate(legacy)
-        self._n = self.store.count_questions()
         self.items = Items(self)
-        self._overlapped = sum(self.overlapped(i) for i in range(self._n))
-        self._replay()
+        with self.store.transaction():  # a migration that does not replay is rolled back
+            if legacy.exists() and self.store.meta("migrated") is None:
+                self._migrate(legacy)
+            self._n = self.store.count_questions()
+            self._overlapped = sum(self.overlapped(i) for i in range(self._n))
+            self._replay()
+        if legacy.exists():
+            legacy.replace(legacy.with_name(legacy.name + ".migrated"))
         # the files' state: bumped on every change; the writer catches up
         self._file_version = 1 if self.store.meta("written") != self._stamp() or not self.out.exists() else 0
         self._questions_version = self._file_version
@@ -198,19 +201,18 @@ class LabelQueue:
     # -- opening: migration and replay
 
     def _migrate(self, legacy: Path) -> None:
-        """Move an earlier version's journal (and its questions file) into the database, once."""
-        if self.store.meta("migrated") is None:
-            if self.store.count_questions() or self.store.db.execute("SELECT count(*) FROM events").fetchone()[0]:
-                raise UserError(f"{self.paths['sqlite']} and {legacy} both hold answers; keep one of them")
-            items: list[questions.Item] = []
-            if self.paths["questions.json"].exists():
-                type_name, items = questions.load(self.paths["questions.json"])
-                if type_name != self.label_type.name:
-                    raise UserError(f"{self.paths['questions.json']} holds {type_name} questions, not "
-                                    f"{self.label_type.name}")
-            records = [record_prefix(self.label_type, it.question) for it in items]
-            self.store.migrate(items, records, journal.read(legacy), legacy.name)
-        legacy.replace(legacy.with_name(legacy.name + ".migrated"))
+        """Copy an earlier version's journal (and its questions file) into the database (within the
+        caller's transaction: the replay that follows checks it)."""
+        if self.store.count_questions() or self.store.db.execute("SELECT count(*) FROM events").fetchone()[0]:
+            raise UserError(f"{self.paths['sqlite']} and {legacy} both hold answers; keep one of them")
+        items: list[questions.Item] = []
+        if self.paths["questions.json"].exists():
+            type_name, items = questions.load(self.paths["questions.json"])
+            if type_name != self.label_type.name:
+                raise UserError(f"{self.paths['questions.json']} holds {type_name} questions, not "
+                                f"{self.label_type.name}")
+        records = [record_prefix(self.label_type, it.question) for it in items]
+        self.store.migrate(items, records, journal.read(legacy), legacy.name)
 
     def _replay(self) -> None:
         for seq, kind, qid, session, label, undo in self.store.events():

@@ -95,13 +95,12 @@ class Store:
                         (seq, kind, question, session, label, undo, time.time()))
 
     def migrate(self, items: list[questions.Item], records: list[str], events: list[dict], source: str) -> None:
-        """A journal's questions and events, in one transaction (so a crash migrates all or none)."""
-        with self.transaction():
-            self._insert_questions(0, items, records)
-            self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                ((e["seq"], e["event"], e.get("id"), e["session"], e.get("label"), e.get("undo"),
-                                  e.get("time", 0.0)) for e in events))
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('migrated', ?)", (source,))
+        """A journal's questions and events, within the caller's transaction (so all or none)."""
+        self._insert_questions(0, items, records)
+        self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            ((e["seq"], e["event"], e.get("id"), e["session"], e.get("label"), e.get("undo"),
+                              e.get("time", 0.0)) for e in events))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('migrated', ?)", (source,))
 
     # -- reading
 

@@ -76,10 +76,25 @@ function progressText(p) {
   return text;
 }
 
-function agreementText(a) {
+function percent(rate) {
+  return `${(100 * rate).toFixed(0)}%`;
+}
+
+function kappaText(kappa) {
+  return kappa === null ? "n/a" : kappa.toFixed(2);
+}
+
+// The raw rate, the rate chance gives with the labels' observed shares, Cohen's kappa, and per labeler.
+function agreementText(a, you) {
   if (!a.doubly_labelled) return "";
-  let text = `Agreement: ${(100 * a.rate).toFixed(0)}% (${a.agreed} of ${a.doubly_labelled} questions labelled twice, ${a.rule})`;
-  if (a.within_one_rate !== undefined) text += `; within one point: ${(100 * a.within_one_rate).toFixed(0)}%`;
+  let text = `Agreement: ${percent(a.rate)} (${a.agreed} of ${a.doubly_labelled} questions labelled twice, ${a.rule})`;
+  text += `; by chance ${percent(a.chance)}, kappa ${kappaText(a.kappa)}`;
+  if (a.within_one_rate !== undefined) {
+    text += `; within one point: ${percent(a.within_one_rate)}, kappa ${kappaText(a.within_one_kappa)}`;
+  }
+  const rows = a.labelers.filter((r) => r.doubly_labelled).map((r) =>
+    `labeler ${r.labeler}${r.labeler === you ? " (you)" : ""} ${percent(r.rate)} of ${r.doubly_labelled}`);
+  if (rows.length) text += `. Per labeler: ${rows.join(", ")}`;
   return text;
 }
 
@@ -111,7 +126,7 @@ function render(next) {
     : `Keys: ${n} pick (or click) · s skip · u undo`;
   $("skip").disabled = !question;
   $("undo").disabled = !state.can_undo;
-  $("agreement").textContent = agreementText(state.agreement);
+  $("agreement").textContent = agreementText(state.agreement, p.labeler);
   document.body.dataset.renders = String(++renders);
 }
 
