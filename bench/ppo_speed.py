@@ -7,7 +7,7 @@
 Variants, alternated after a warm-up update each, medians of --repeats updates:
   on   run.precision auto, run.share_queries on, the fused TF-convention Adam
   off  run.precision fp32, run.share_queries off, the TF-convention Adam as it was (a Python loop)
-Phases: sampling (policy.respond), reference forward, reward forward (score_fn), training
+Phases: sampling (policy.respond), reference forward, reward forward (trainer.score), training
 forward/backward (train_minibatch less its optimizer step), optimizer; `other` is the rest.
 Then each phase of the `on` variant timed alone, in a loop of its own: their sum against the
 whole update shows what running them together costs (allocator, caches, Python).
@@ -42,7 +42,7 @@ def instrument(trainer) -> dict[str, float]:
 
     wrap(trainer.policy, "respond", "sampling")
     wrap(trainer.ref_policy, "analyze_responses", "reference")
-    wrap(trainer, "score_fn", "reward")
+    wrap(trainer, "score", "reward")
     wrap(trainer, "train_minibatch", "train")
     wrap(trainer.optimizer, "step", "optimizer")
     return phases
@@ -70,15 +70,13 @@ def parts_timer(trainer):
     chunk = hp.run.chunk_size
     queries = next(trainer.queries)
     rollouts = trainer.rollouts()
-    train_keys = ("queries", "responses", "logprobs", "values", "rewards")
-    minibatch = {k: rollouts[k] for k in train_keys}
     real_step = trainer.optimizer.step
 
     def train_without_step():
         trainer.optimizer.step = lambda: None
         try:
             for _ in range(hp.ppo.noptepochs):
-                trainer.train_minibatch(minibatch)
+                trainer.train_minibatch(rollouts)
         finally:
             trainer.optimizer.step = real_step
 
@@ -89,12 +87,12 @@ def parts_timer(trainer):
     def reference():
         with torch.no_grad():
             core.map_chunks(functools.partial(trainer.ref_policy.analyze_responses, entropies=False), chunk,
-                            queries, rollouts["responses"])
+                            queries, rollouts.responses)
 
     parts = {
         "sampling": lambda: trainer.policy.respond(queries, hp.task.response_length, trainer.generator, chunk),
         "reference": reference,
-        "reward": lambda: trainer.score_fn(queries, rollouts["responses"]),
+        "reward": lambda: trainer.score(queries, rollouts.responses),
         "train": train_without_step,
         "optimizer": optimizer_steps,
     }

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.training import train_policy
-from lm_human_preferences.language import encodings, model, sample
+from lm_human_preferences.language import encodings, model, sample, trained_models
 from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.task.rewards import RewardModel
 from lm_human_preferences.training.run import RunHParams
@@ -307,3 +308,108 @@ def test_bench_scripts_run(script, args, expected):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert expected in result.stdout
+
+
+def _train_steps(module, loss_of, steps: int = 3):
+    """`steps` Adam steps on loss_of(); each step's outputs and gradients (as the trainers see them)."""
+    optimizer = TFAdam([p for p in module.parameters() if p.requires_grad], lr=0.05)
+    history = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss, outputs = loss_of()
+        loss.backward()
+        history.append(({k: v.detach().clone() for k, v in outputs.items()}, _grads(module)))
+        optimizer.step()
+    return history
+
+
+def _policy_steps(precision: str, working_copy: bool):
+    policy = Policy(_model(heads=("value",)), encodings.get("test"), _task(), precision=precision)
+    if working_copy:
+        policy.configure(RunHParams(precision=precision))
+        assert policy.working_copy is not None
+
+    def loss_of():
+        out = policy.analyze_responses(QUERIES, SAMPLED[:3])
+        return out["logprobs"].sum() + out["values"].sum(), {"logprobs": out["logprobs"], "values": out["values"]}
+
+    history = _train_steps(policy.model, loss_of)
+    sampled = policy.respond(QUERIES, 5, generator=torch.Generator().manual_seed(3))
+    return policy, history, sampled
+
+
+def test_working_copy_is_the_autocast_computation():
+    """A trained bf16 policy computes with a working copy of its weights: every forward equals
+    per-forward autocast of the float32 weights bit for bit, over several optimizer steps (the
+    copy follows each step); gradients equal to float rounding (the token lookup's sparse
+    gradient is added in another order); weights, gradients and checkpoints stay float32."""
+    _, plain, plain_sampled = _policy_steps("bf16", working_copy=False)
+    policy, fast, fast_sampled = _policy_steps("bf16", working_copy=True)
+    for (plain_out, plain_grads), (fast_out, fast_grads) in zip(plain, fast):
+        for key in plain_out:
+            assert torch.equal(fast_out[key], plain_out[key]), key
+        assert_grads_close(fast_grads, plain_grads)
+        assert all(g.dtype == torch.float32 and not g.is_sparse for g in fast_grads.values())
+    assert torch.equal(fast_sampled["responses"], plain_sampled["responses"])
+    assert torch.equal(fast_sampled["logprobs"], plain_sampled["logprobs"])
+    assert all(t.dtype == torch.float32 for t in policy.model.state_dict().values())
+
+
+def test_working_copy_agrees_with_float32():
+    """The float32 reference path and the bf16 working copy agree to bf16 rounding (outputs and
+    gradients of the same weights; how training trajectories compare: test_ppo_bf16_epochs_track_float32)."""
+    (ref_out, ref_grads), = _policy_steps("fp32", working_copy=False)[1][:1]
+    (fast_out, fast_grads), = _policy_steps("bf16", working_copy=True)[1][:1]
+    assert_grads_close(fast_out, ref_out, tolerance=0.05)  # within 5% of each tensor's largest element
+    assert fast_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():  # bf16 gradients of this small model with large weights: the same direction
+        assert F.cosine_similarity(fast_grads[name].flatten(), grad.flatten(), dim=0) > 0.95, name
+
+
+def test_working_copy_follows_loaded_weights():
+    """Weights loaded into the model after the copy was made (a resumed run) are what it computes with."""
+    policy = Policy(_model(heads=("value",)), encodings.get("test"), _task(), precision="bf16")
+    policy.configure(RunHParams(precision="bf16"))
+    before = policy.analyze_responses(QUERIES, SAMPLED[:3])["logprobs"]
+    other = _model(heads=("value",), seed=5)
+    trained_models.load_into(policy.model, other.state_dict(), "test")
+    got = policy.analyze_responses(QUERIES, SAMPLED[:3])["logprobs"]
+    expected = Policy(other, encodings.get("test"), _task(), precision="bf16").analyze_responses(QUERIES, SAMPLED[:3])
+    assert not torch.equal(got, before)
+    assert torch.equal(got, expected["logprobs"])
+
+
+def test_reward_model_working_copy_trains_as_autocast():
+    """Reward training with a working copy: the rewards and gradients autocast gives, the token
+    lookup's gradient made dense (no logits gradient reaches the output embedding here)."""
+    queries, labels = QUERIES.repeat_interleave(4, dim=0), torch.tensor([0, 3, 1])
+    results = {}
+    for working_copy in (False, True):
+        rm = RewardModel(_model(heads=("reward",)), encodings.get("test"))
+        rm.precision = "bf16"
+        if working_copy:
+            rm.configure(RunHParams(precision="bf16"))
+            assert rm.working_copy is not None
+
+        def loss_of():
+            rewards = rm(queries, RESPONSES)
+            return torch.nn.functional.cross_entropy(rewards.view(3, 4), labels), {"rewards": rewards}
+
+        results[working_copy] = _train_steps(rm, loss_of)
+    for (plain_out, plain_grads), (fast_out, fast_grads) in zip(results[False], results[True]):
+        assert torch.equal(fast_out["rewards"], plain_out["rewards"])
+        assert_grads_close(fast_grads, plain_grads)
+        assert not fast_grads["model.wte.weight"].is_sparse
+
+
+def test_working_copy_with_gradient_checkpointing():
+    """Blocks recomputed in the backward pass (run.gradient_checkpointing) give the same gradients."""
+    results = {}
+    for checkpointing in (False, True):
+        policy = Policy(_model(heads=("value",)), encodings.get("test"), _task(), precision="bf16")
+        policy.configure(RunHParams(precision="bf16", gradient_checkpointing=checkpointing))
+        out = policy.analyze_responses(QUERIES, SAMPLED[:3])
+        (out["logprobs"].sum() + out["values"].sum()).backward()
+        results[checkpointing] = out["logprobs"].detach(), _grads(policy.model)
+    assert torch.equal(results[True][0], results[False][0])
+    assert_grads_close(results[True][1], results[False][1])

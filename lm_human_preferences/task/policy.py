@@ -1,11 +1,13 @@
 """The policy: a language model (plus a `value` head when trained) that answers queries."""
 
+import contextlib
+
 import torch
 
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.language import encodings, sample, trained_models
 from lm_human_preferences.language.model import Model
-from lm_human_preferences.utils import core, distributed
+from lm_human_preferences.utils import core, distributed, tf_adam
 
 
 class Policy:
@@ -18,6 +20,7 @@ class Policy:
         self.precision = precision  # run.precision: auto / fp32 / bf16
         self.share_queries = share_queries  # run.share_queries: one computation of a query repeated in a batch
         self._n_params = sum(p.numel() for p in model.parameters())
+        self.working_copy: tf_adam.WorkingCopy | None = None  # bf16 weights kept in step with the trained ones
 
     def configure(self, run, frozen: bool = False) -> "Policy":
         """Take `run.precision`, `run.share_queries` and `run.gradient_checkpointing`; a `frozen` policy
@@ -26,7 +29,15 @@ class Policy:
         self.model.gradient_checkpointing = run.gradient_checkpointing and not frozen
         if frozen:
             self.model.freeze(self.compute_dtype)
+        elif self.compute_dtype != torch.float32 and self.model.frozen_dtype is None:
+            # Trained in low precision: compute with a working copy of the weights (the autocast
+            # results, without casting every weight on every forward call; tf_adam.WorkingCopy).
+            self.working_copy = tf_adam.working_copy(self.model, self.compute_dtype)
         return self
+
+    def _weights(self):
+        """The context of a forward call: the working copy when there is one."""
+        return self.working_copy.active() if self.working_copy is not None else contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -50,7 +61,7 @@ class Policy:
         dtype = self.compute_dtype
 
         def respond_chunk(queries: torch.Tensor, noise: torch.Tensor) -> dict:
-            with distributed.autocast(self.device, dtype):
+            with distributed.autocast(self.device, dtype), self._weights():
                 samples = sample.sample(self.model, self.format_queries(queries), length, noise=noise,
                                         padding_token=self.encoding.padding_token, temperature=self.temperature,
                                         share_context=self.share_queries)
@@ -67,7 +78,7 @@ class Policy:
         """
         context = self.format_queries(queries)
         tokens = torch.cat([context, responses], dim=1)
-        with distributed.autocast(self.device, self.compute_dtype):
+        with distributed.autocast(self.device, self.compute_dtype), self._weights():
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1),
                              shared_prefix=context.shape[1] if self.share_queries else 0)
         logits = out.logits.float()

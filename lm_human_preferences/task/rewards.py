@@ -1,12 +1,14 @@
 """The reward model: initial LM + `reward` head + a scalar affine "reward norm" (docs/original.md, "Reward model")."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.language.model import Model
-from lm_human_preferences.utils import distributed, save_folders, storage
+from lm_human_preferences.utils import distributed, save_folders, storage, tf_adam
 from lm_human_preferences.utils.errors import UserError
 
 
@@ -27,6 +29,7 @@ class RewardModel(nn.Module):
         self.precision = "auto"  # run.precision: auto / fp32 / bf16
         self.share_queries = True  # run.share_queries: a query repeated in a batch (best-of-N) runs once
         self._n_params = sum(p.numel() for p in model.parameters())
+        self.working_copy: tf_adam.WorkingCopy | None = None  # bf16 weights kept in step with the trained ones
 
     def configure(self, run, frozen: bool = False) -> "RewardModel":
         """Take `run.precision`, `run.share_queries` and `run.gradient_checkpointing`; a `frozen` reward
@@ -36,6 +39,9 @@ class RewardModel(nn.Module):
         if frozen:
             self.requires_grad_(False).eval()
             self.model.freeze(self.compute_dtype)
+        elif self.compute_dtype != torch.float32 and self.model.frozen_dtype is None:
+            # Trained in low precision: a working copy of the weights (tf_adam.WorkingCopy), as Policy.
+            self.working_copy = tf_adam.working_copy(self.model, self.compute_dtype)
         return self
 
     @property
@@ -54,7 +60,8 @@ class RewardModel(nn.Module):
         backward pass too.
         """
         tokens = torch.cat([queries, responses], dim=1)
-        with distributed.autocast(self.device, self.compute_dtype):
+        weights = self.working_copy.active() if self.working_copy is not None else contextlib.nullcontext()
+        with distributed.autocast(self.device, self.compute_dtype), weights:
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(-1, None),
                              shared_prefix=queries.shape[1] if self.share_queries else 0)
         return self.gain * out.heads["reward"][:, 0] + self.bias

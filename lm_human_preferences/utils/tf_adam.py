@@ -14,10 +14,13 @@ step. `param_groups[i]["eps"]` always shows TF's ε; the state is torch.optim.Ad
 (`step`, `exp_avg`, `exp_avg_sq`), so state_dict/load_state_dict round-trip exactly.
 """
 
+import contextlib
 import copy
 import math
+import weakref
 
 import torch
+from torch import nn
 
 _FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,6 +62,9 @@ class TFAdam(torch.optim.Adam):
                     group["params"] = params
                     group["eps"] = tf_eps / math.sqrt(1 - group["betas"][1] ** t)
                     self._step_group(group)
+                    # The fused kernel writes the parameters without telling autograd; counting the
+                    # write keeps version checks (WorkingCopy's refresh, saved-tensor checks) true.
+                    torch.autograd.graph.increment_version(params)
             finally:
                 group["params"], group["eps"] = all_params, tf_eps
         return loss
@@ -91,3 +97,105 @@ class TFAdam(torch.optim.Adam):
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
             group["lr"] = lr
+
+
+class WorkingCopy:
+    """A low-precision copy of a module's Linear layers (and of its output embedding), kept in step
+    with the float32 weights the optimizer updates, so that no forward pass casts the weights.
+
+    Under bf16 autocast every forward pass casts each float32 weight to bf16 (a fresh tensor per
+    weight per call) and the backward pass casts each bf16 weight gradient back to float32. With
+    a working copy the forward runs on bf16 tensors made once, refreshed from the float32 master
+    only when an optimizer step (or a load) has changed it (each tensor's version counter says
+    so), and a gradient hook adds each bf16 gradient into a float32 buffer kept from step to step,
+    which becomes the master's `.grad` — exactly the values autocast's casts give, so the forward
+    pass is bit for bit the autocast one. The output embedding's copy (`wte_lowp`) serves the
+    tied logits; the token lookup keeps the float32 master and a sparse gradient, added into the
+    same buffer (sparing the dense zero-filled vocabulary-sized gradient of every backward pass).
+    Adam, its state, `.grad` as the trainers see it, and checkpoints stay float32.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.model = model
+        self.dtype = dtype
+        # (module, attribute, is_buffer) -> (master, working copy, master version at the last refresh)
+        self._slots: list[tuple[nn.Module, str, bool, nn.Parameter, torch.Tensor]] = []
+        self._versions: list[int] = []
+        self._buffers: dict[int, torch.Tensor] = {}  # id(master) -> its float32 gradient buffer
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                for name, param in module.named_parameters(recurse=False):
+                    if param.requires_grad:
+                        self._add(module, name, False, param)
+        wte = getattr(model, "wte", None)
+        if isinstance(wte, nn.Embedding) and wte.weight.requires_grad and "wte_lowp" in model._buffers:
+            self._add(model, "wte_lowp", True, wte.weight)
+            wte.sparse = True
+            wte.weight.register_post_accumulate_grad_hook(self._densify)
+        self.refresh()
+
+    def _add(self, module: nn.Module, name: str, is_buffer: bool, master: nn.Parameter) -> None:
+        working = master.detach().to(self.dtype).requires_grad_(True)
+        working.register_post_accumulate_grad_hook(lambda w, master=master: self._to_master(master, w))
+        self._slots.append((module, name, is_buffer, master, working))
+        self._versions.append(-1)
+
+    def _buffer(self, master: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(id(master))
+        if buffer is None:
+            buffer = self._buffers[id(master)] = torch.empty_like(master, memory_format=torch.contiguous_format)
+        return buffer
+
+    @torch.no_grad()
+    def _to_master(self, master: nn.Parameter, working: torch.Tensor) -> None:
+        """The working copy's gradient, added into the master's float32 gradient."""
+        grad = master.grad
+        if grad is None:
+            master.grad = self._buffer(master).copy_(working.grad)
+        elif grad.is_sparse:
+            master.grad = self._buffer(master).copy_(working.grad).add_(grad)
+        else:
+            grad.add_(working.grad)
+        working.grad = None
+
+    @torch.no_grad()
+    def _densify(self, master: nn.Parameter) -> None:
+        """A sparse gradient (the token lookup's, when no dense one came first) as the master's dense buffer."""
+        if master.grad is not None and master.grad.is_sparse:
+            master.grad = self._buffer(master).zero_().add_(master.grad)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy every master that changed since its last copy (an optimizer step, a load)."""
+        for i, (_, _, _, master, working) in enumerate(self._slots):
+            if master._version != self._versions[i]:
+                working.copy_(master)
+                self._versions[i] = master._version
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within the block the model computes with the working copy (refreshed first)."""
+        self.refresh()
+        saved = []
+        try:
+            for module, name, is_buffer, _, working in self._slots:
+                table = module._buffers if is_buffer else module._parameters
+                saved.append((table, name, table[name]))
+                table[name] = working
+            yield
+        finally:
+            for table, name, original in saved:
+                table[name] = original
+
+
+_working_copies: "weakref.WeakKeyDictionary[nn.Module, WorkingCopy]" = weakref.WeakKeyDictionary()
+
+
+def working_copy(model: nn.Module, dtype: torch.dtype) -> WorkingCopy:
+    """The model's working copy in `dtype` (one per model: policies sharing a model share it)."""
+    existing = _working_copies.get(model)
+    if existing is None or existing.dtype != dtype:
+        if existing is not None:
+            raise ValueError(f"the model already has a {existing.dtype} working copy")
+        existing = _working_copies[model] = WorkingCopy(model, dtype)
+    return existing
