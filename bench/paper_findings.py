@@ -70,7 +70,7 @@ DOCS = ROOT / "docs"
 class Cell:
     experiment: str
     seed: int
-    kind: str  # labels-N, ceiling, kl-T, kl-off, online-current, online-initial, online-initial-h10000
+    kind: str  # labels-N, ceiling, kl-T, kl-off, online-{current,initial}[-matched], online-initial-h10000
 
     @property
     def name(self) -> str:
@@ -89,8 +89,10 @@ class Cell:
 
 
 # One seed's cells, most informative first (the experiments interleaved).
-KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "labels-256", "kl-off", "online-current", "kl-1.5",
-         "labels-4096", "kl-24.0", "online-initial-h10000", "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
+KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "online-current", "online-initial-matched",
+         "labels-256", "kl-off", "online-current-matched", "kl-1.5", "labels-4096", "kl-24.0", "online-initial-h10000",
+         "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
+MATCH_SEED = 0  # the seed whose runs set the matched online cells' KL targets
 
 
 def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] = KINDS) -> list[Cell]:
@@ -98,11 +100,23 @@ def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] 
     return [Cell(e, seed, k) for seed in seeds for k in KINDS if k in kinds for e in experiments]
 
 
+def matched_target(cell: Cell, keep: Path) -> float | None:
+    """The KL target that should land an online mode at the offline run's final KL: TARGET times
+    the offline run's final KL over the mode's final KL at TARGET, both of seed MATCH_SEED (the
+    final KL taken as proportional to the target); None until those runs have finished."""
+    mode = cell.kind.removesuffix("-matched")
+    found = [measure(Cell(cell.experiment, MATCH_SEED, kind), keep) for kind in (f"labels-{SWEEP_LABELS}", mode)]
+    if None in found:
+        return None
+    return round(TARGET * found[0]["kl"] / found[1]["kl"], 2)
+
+
 def launch_flags(cell: Cell, keep: Path) -> list[str]:
     """The launch.py flags of a cell (all but the ceiling), before the bench's --flags."""
     flags = ["--save_dir", str(keep), "--run.seed", str(cell.seed)]
     horizon = ["--rewards.adaptive_kl.horizon", str(HORIZON)]
-    target = ["--rewards.adaptive_kl.target", str(TARGET)]
+    target = ["--rewards.adaptive_kl.target", str(matched_target(cell, keep) if cell.kind.endswith("-matched")
+                                                  else TARGET)]
     kind = cell.kind
     if kind.startswith("labels-"):
         return flags + target + horizon + ["--rewards.train_new_model.labels.num_train", kind.removeprefix("labels-")]
@@ -136,6 +150,9 @@ def run_cell(cell: Cell, keep: Path, extra: list[str]) -> float | None:
     folder = keep / cell.name
     if cell.kind.startswith("kl-") and not (keep / cell.sweep_model().name / DONE_FILE).exists():
         print(f"{cell.name}: skipped, its reward model ({cell.sweep_model().name}) has not finished", flush=True)
+        return None
+    if cell.kind.endswith("-matched") and matched_target(cell, keep) is None:
+        print(f"{cell.name}: skipped, the seed-{MATCH_SEED} runs that set its KL target have not finished", flush=True)
         return None
     started = time.time()
     with open(keep / f"{cell.name}.log", "a") as log:
@@ -426,19 +443,31 @@ def kl_table(results: Results, experiments: Iterable[str]) -> str:
 
 
 ONLINE_KINDS = [(f"labels-{SWEEP_LABELS}", "offline"), ("online-current", "online (`current`)"),
+                ("online-current-matched", "online (`current`), matched target"),
                 ("online-initial", "online (`initial`)"),
+                ("online-initial-matched", "online (`initial`), matched target"),
                 ("online-initial-h10000", f"online (`initial`), horizon {DEFAULT_HORIZON}")]
 
 
-def online_table(results: Results, experiments: Iterable[str]) -> str:
-    header = ["experiment", "mode", "seeds", "final KL (target 6)", "final kl_coef", "win rate", "labeler's score",
+def seeds_done(results: Results, experiment: str, kind: str) -> list[int]:
+    return sorted(c.seed for c in results if c.experiment == experiment and c.kind == kind)
+
+
+def kl_target(keep: Path, cell: Cell) -> float:
+    hp = json.loads((keep / cell.name / train_policy.HPARAMS_FILE).read_text())
+    return hp["rewards"]["adaptive_kl"]["target"]
+
+
+def online_table(results: Results, experiments: Iterable[str], keep: Path) -> str:
+    header = ["experiment", "mode", "seeds", "KL target", "final KL", "final kl_coef", "win rate", "labeler's score",
               "held-out accuracy", "own reward model's spread on final samples"]
     rows = []
     for e in experiments:
         for kind, title in ONLINE_KINDS:
             ms = of(results, e, kind)
-            rows.append([f"`{e}`", title, str(len(ms)), spread([m["kl"] for m in ms]),
-                         spread([m["kl_coef_history"][-1] for m in ms if m["kl_coef_history"]], 3), spread([m["win_rate"] for m in ms], 3),
+            targets = {kl_target(keep, Cell(e, c_seed, kind)) for c_seed in seeds_done(results, e, kind)}
+            rows.append([f"`{e}`", title, str(len(ms)), ", ".join(f"{t:g}" for t in sorted(targets)) or "–",
+                         spread([m["kl"] for m in ms]), spread([m["kl_coef_history"][-1] for m in ms if m["kl_coef_history"]], 3), spread([m["win_rate"] for m in ms], 3),
                          spread([m["score"] for m in ms]), spread([m.get("heldout_accuracy") for m in ms], 3),
                          spread([m.get("own_rm_after_std") for m in ms])])
     return markdown(header, rows)
@@ -544,7 +573,7 @@ def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[s
 
 def plot_online(results: Results, experiments: list[str], path: Path) -> None:
     plt, fig, axes = figure(len(experiments) + 1)
-    colors = ["C0", "C1", "C2", "C3"]
+    colors = ["C0", "C1", "C4", "C2", "C5", "C3"]
     for ax, e in zip(axes, experiments):
         per = [of(results, e, kind) for kind, _ in ONLINE_KINDS]
         errorbars(ax, [[m["kl"] for m in ms] for ms in per], [[m["win_rate"] for m in ms] for ms in per],
@@ -577,7 +606,7 @@ def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path
         f"Kept in {keep}; {len(results)} of {len(results) + len(missing)} cells finished.",
         "### Label scaling\n\n" + label_table(results, experiments),
         "### KL trade-off\n\n" + kl_table(results, experiments),
-        "### Online against offline\n\n" + online_table(results, experiments),
+        "### Online against offline\n\n" + online_table(results, experiments, keep),
         "### The reward's strength, round by round (first seed)\n\n" + strength_table(keep, cells),
         "Missing cells: " + (", ".join(missing) or "none")])
     print(text)

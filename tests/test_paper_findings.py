@@ -76,6 +76,8 @@ def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_pat
                          before_initial_std=1.0, after_mean=1.0, after_std=2.5, after_initial_mean=0.0,
                          after_initial_std=1.0)]
         (keep / cell.name / "reward_strength.json").write_text(json.dumps(strength))
+        hparams = {"rewards": {"adaptive_kl": {"target": 6.0}}}
+        (keep / cell.name / "train_policy_hparams.json").write_text(json.dumps(hparams))
     (keep / "labeler_scales.json").write_text(json.dumps({"sentiment": 0.7, "sentiment_distinct": 0.6}))
     bench.report_all(keep, cells, ["mock_sentiment"], docs)
     out = capsys.readouterr().out
@@ -97,3 +99,19 @@ def test_the_ceiling_rewards_the_labelers_score_normalized(bench):
     expected = (mock_labelers.sentiment("", encoding.decode(response[0].tolist())) - 0.5) / 2.0
     assert expected > 0
     assert reward(torch.zeros_like(response), response).tolist() == pytest.approx([expected])
+
+
+def test_a_matched_online_cell_scales_the_target_by_the_match_seeds_kl_ratio(bench, tmp_path):
+    cell = bench.Cell("mock_sentiment", 1, "online-initial-matched")
+    assert bench.matched_target(cell, tmp_path) is None  # its seed-0 runs have not finished
+    assert bench.run_cell(cell, tmp_path, []) is None
+    for kind, kl in ((f"labels-{bench.SWEEP_LABELS}", 5.0), ("online-initial", 7.5)):
+        folder = tmp_path / bench.Cell("mock_sentiment", bench.MATCH_SEED, kind).name
+        folder.mkdir()
+        (folder / bench.DONE_FILE).write_text("1")
+        (folder / bench.MEASURED_FILE).write_text(json.dumps({"kl": kl}))
+    assert bench.matched_target(cell, tmp_path) == bench.TARGET * 5.0 / 7.5
+    hp = launch.resolve("train_policy", cell.experiment, cell.name,
+                        options.parse(bench.launch_flags(cell, tmp_path), set()))
+    assert hp.rewards.adaptive_kl.target == bench.TARGET * 5.0 / 7.5
+    assert hp.rewards.online.normalize_on == "initial" and hp.run.seed == 1
