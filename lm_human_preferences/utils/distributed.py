@@ -291,6 +291,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _lost_rank(e: RuntimeError) -> bool:
+    """Whether a collective failed because another rank is gone or silent (torch.distributed's
+    errors, or the transport's: a closed or reset connection, a timeout)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        hint in text for hint in ("Connection closed by peer", "Connection reset by peer", "Timed out", "gloo", "NCCL"))
+
+
+def _first_line(e: BaseException) -> str:
+    """The error's first sentence (gloo's and NCCL's go on with generic advice)."""
+    lines = str(e).strip().splitlines()
+    return lines[0].split(". ")[0][:300] if lines else type(e).__name__
+
+
 def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: str, failures: str) -> None:
     """Entry point of a spawned rank. A failure is reported in `failures`/<index> (when it happened,
     and the traceback of an unexpected error; a UserError prints its one line here) before the rank
@@ -343,6 +357,13 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
         _init(rank, world, local_rank, "env://")
         try:
             fn(*args)
+        except RuntimeError as e:
+            if not _lost_rank(e):
+                raise
+            raise UserError(f"rank {rank} of {world} lost contact with another rank ({_first_line(e)}): a rank's "
+                            f"process or node died, or was stopped or stuck for LMHP_RANK_TIMEOUT ({rank_timeout():g} s); "
+                            "this rank stopped too. Rerun the same command on every node to resume from the last "
+                            "checkpoint") from e
         finally:
             dist.destroy_process_group()
         return
