@@ -147,6 +147,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, unknown method) as JSON too."""
+        if self.request_version == "HTTP/0.9":  # a request line it could not read: answer with a status line
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        if code == http.HTTPStatus.NOT_IMPLEMENTED:  # a method it has no do_ for: the client's mistake
+            code, message = http.HTTPStatus.METHOD_NOT_ALLOWED, f"unknown method {self.command!r}; use GET or POST"
         self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
 
     def do_GET(self):
