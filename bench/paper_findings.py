@@ -496,12 +496,14 @@ def errorbars(ax, xs: list[list[float]], ys: list[list[float]], labels: list[str
                     color=color, label=label, capsize=3)
 
 
-def figure(n: int):
+def figure(n: int, rows: int = 1):
+    """pyplot, a figure of n panels in `rows` rows, and its axes in reading order."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4), squeeze=False)
-    return plt, fig, axes[0]
+    columns = -(-n // rows)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4 * rows), squeeze=False)
+    return plt, fig, list(axes.flat)
 
 
 def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
@@ -572,24 +574,29 @@ def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[s
 
 
 def plot_online(results: Results, experiments: list[str], path: Path) -> None:
-    plt, fig, axes = figure(len(experiments) + 1)
+    """Per experiment, the labeler's score against the final KL of each mode (mean, min–max over
+    seeds; the band is the offline runs' final KL ± 10%); then KL and kl_coef during PPO (first seed)."""
+    plt, fig, axes = figure(len(experiments) + 2, rows=2)
     colors = ["C0", "C1", "C4", "C2", "C5", "C3"]
+    labels = [t.replace("`", "") for _, t in ONLINE_KINDS]
     for ax, e in zip(axes, experiments):
         per = [of(results, e, kind) for kind, _ in ONLINE_KINDS]
-        errorbars(ax, [[m["kl"] for m in ms] for ms in per], [[m["win_rate"] for m in ms] for ms in per],
-                  [t.replace("`", "") for _, t in ONLINE_KINDS], colors)
-        ax.axvspan(TARGET * 0.9, TARGET * 1.1, color="grey", alpha=0.15, label="target 6 ± 10%")
-        ax.set(xlabel="final KL (nats)", ylabel="win rate against the initial policy", title=e)
+        errorbars(ax, [[m["kl"] for m in ms] for ms in per], [[m["score"] for m in ms] for ms in per], labels, colors)
+        if per[0]:
+            offline = statistics.mean(m["kl"] for m in per[0])
+            ax.axvspan(offline * 0.9, offline * 1.1, color="grey", alpha=0.15, label="offline final KL ± 10%")
+        ax.set(xlabel="final KL (nats)", ylabel="labeler's score after PPO", title=e)
         ax.legend(fontsize=7)
-    ax = axes[-1]
-    for (kind, title), color in zip(ONLINE_KINDS, colors):
-        for e, style in zip(experiments, ("-", "--")):
-            for i, m in enumerate(of(results, e, kind)[:1]):
-                ax.plot(range(len(m["kl_history"])), m["kl_history"], style, color=color, alpha=0.8,
-                        label=f"{title.replace('`', '')}, {e.removeprefix('mock_')}")
-    ax.axhline(TARGET, color="grey", linestyle=":")
-    ax.set(xlabel="PPO update", ylabel="KL of the update's batch", title="KL during PPO (seed 0)")
-    ax.legend(fontsize=6)
+    for ax, key, ylabel, title in ((axes[-2], "kl_history", "KL of the update's batch", "KL"),
+                                   (axes[-1], "kl_coef_history", "kl_coef", "kl_coef")):
+        for (kind, _), label, color in zip(ONLINE_KINDS, labels, colors):
+            for e, style in zip(experiments, ("-", "--")):
+                for m in of(results, e, kind)[:1]:
+                    ax.plot(range(len(m[key])), m[key], style, color=color, alpha=0.8,
+                            label=f"{label}, {e.removeprefix('mock_')}")
+        ax.set(xlabel="PPO update", ylabel=ylabel, title=f"{title} during PPO (first seed)")
+        ax.legend(fontsize=6)
+    axes[-2].axhline(TARGET, color="grey", linestyle=":")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
