@@ -2,7 +2,8 @@
 
 A `LabelQueue` belongs to one label file FILE and keeps these files beside it:
     FILE.sqlite          the durable record (store.py): the questions and every answer, skip and
-                         undo, each committed in its own transaction before it is confirmed
+                         undo, each committed (fsynced) before it is confirmed; the answers that
+                         arrive while one commit is being fsynced share the next one
     FILE.questions.json  the questions (`questions.py`); a question's id is its index
     FILE.overlap.json    second labels of questions that two people answered (with overlap > 0)
 FILE and FILE.overlap.json are JSON lists in the released schema, in labelling order: FILE holds
@@ -162,14 +163,11 @@ class LabelQueue:
         self.store = Store(self.paths["sqlite"], label_type.name)
         self._reader: Store | None = None  # for reading questions after `close`
         self._cache: OrderedDict[int, questions.Item] = OrderedDict()
-        self._init_state()
         self.items = Items(self)
         with self.store.transaction():  # a migration that does not replay is rolled back
             if legacy.exists() and self.store.meta("migrated") is None:
                 self._migrate(legacy)
-            self._n = self.store.count_questions()
-            self._overlapped = sum(self.overlapped(i) for i in range(self._n))
-            self._replay()
+            self._load()
         if legacy.exists():
             legacy.replace(legacy.with_name(legacy.name + ".migrated"))
         # the files' state: bumped on every change; the writer catches up
@@ -180,8 +178,21 @@ class LabelQueue:
         self._write_lock = threading.Lock()
         self._write_error = ""
         self._closing = self._closed = False
+        self._written_db = self._durable = 0  # writes into the open transaction; of them, committed
+        self._failed: list[tuple[int, int, str]] = []  # (after, up to, why) of writes whose commit failed
+        self._committer = threading.Thread(target=self._commit_loop, name="label-commits", daemon=True)
+        self._committer.start()
         self._writer = threading.Thread(target=self._write_loop, name="label-files", daemon=True)
         self._writer.start()
+
+    def _load(self) -> None:
+        """The state as the database holds it (what was handed to the trainer stays so)."""
+        delivered = getattr(self, "delivered", set())
+        self._init_state()
+        self.delivered = delivered
+        self._n = self.store.count_questions()
+        self._overlapped = sum(self.overlapped(i) for i in range(self._n))
+        self._replay()
 
     def _init_state(self) -> None:
         self.answers: dict[int, list[Answer]] = {}  # live answers of each question, oldest first
@@ -387,11 +398,12 @@ class LabelQueue:
             self._check_open()
             ids = list(range(self._n, self._n + len(items)))
             records = [record_prefix(self.label_type, it.question) for it in items]
-            self._write_db(lambda: self.store.add_questions(self._n, items, records))
+            ticket = self._write_db(lambda: self.store.add_questions(self._n, items, records))
             self._n += len(items)
             self._overlapped += sum(self.overlapped(i) for i in ids)
             self._questions_version += 1
             self._changed()
+            self._wait_durable(ticket)
             return ids
 
     def label(self, session: str, qid, label) -> None:
@@ -414,10 +426,11 @@ class LabelQueue:
             if self._complete(qid):
                 raise Conflict(f"question {qid} was answered by someone else meanwhile")
             seq = self._next_seq
-            self._write_db(lambda: self.store.append(seq, "answer", session, question=qid, label=label))
+            ticket = self._write_db(lambda: self.store.append(seq, "answer", session, question=qid, label=label))
             self._next_seq += 1
             self._apply(Answer(seq, qid, session, label))
             self._changed()
+            self._wait_durable(ticket)
 
     def undo(self, session: str) -> int:
         """Take back `session`'s last answer (label or skip) and show it that question again; its id."""
@@ -430,19 +443,51 @@ class LabelQueue:
             if last.id in self.delivered:
                 raise Conflict(f"question {last.id} was already handed to the trainer")
             seq = self._next_seq
-            self._write_db(lambda: self.store.append(seq, "undo", session, undo=last.seq))
+            ticket = self._write_db(lambda: self.store.append(seq, "undo", session, undo=last.seq))
             self._next_seq += 1
             self._take_back(session, last.seq)
             self._changed()
+            self._wait_durable(ticket)
             return last.id
 
-    def _write_db(self, write: Callable[[], None]) -> None:
+    # -- commits: the answers that come while one commit is fsynced go together in the next
+
+    def _write_db(self, write: Callable[[], None]) -> int:
+        """`write` into the open transaction (under the lock); the ticket to wait for."""
         try:
+            self.store.begin()
             write()
         except sqlite3.Error as e:
-            full = "full" in str(e)
-            raise UserError(f"cannot record this in {self.paths['sqlite']} ({e}); "
-                            + ("free space and answer again" if full else "the database is damaged")) from None
+            raise self._db_error(str(e)) from None
+        self._written_db += 1
+        return self._written_db
+
+    def _db_error(self, why: str) -> UserError:
+        advice = "free space and answer again" if "full" in why else "the database is damaged"
+        return UserError(f"cannot record this in {self.paths['sqlite']} ({why}); {advice}")
+
+    def _wait_durable(self, ticket: int) -> None:
+        """Return once write `ticket` is committed (with the lock held: others go on meanwhile)."""
+        self.changed.wait_for(lambda: self._durable >= ticket)
+        for after, upto, why in self._failed:
+            if after < ticket <= upto:
+                raise self._db_error(why)
+
+    def _commit_loop(self) -> None:
+        with self.changed:
+            while True:
+                self.changed.wait_for(lambda: self._written_db > self._durable or self._closing)
+                if self._written_db == self._durable:
+                    return
+                upto = self._written_db
+                try:
+                    self.store.commit()
+                except sqlite3.Error as e:  # none of these writes is confirmed, and the state forgets them
+                    self.store.rollback()
+                    self._failed.append((self._durable, upto, str(e)))
+                    self._load()
+                self._durable = upto
+                self._changed()
 
     def can_undo(self, session: str) -> bool:
         with self.changed:
@@ -584,15 +629,27 @@ class LabelQueue:
                 return
             self._closing = True
             self.changed.notify_all()
+        self._committer.join()
         self._writer.join()
         reader = self.store.reader()  # the main connection may still serve a question to a request
         try:
-            self._write_files(reader, durable=True)
+            files = [self.out, self.paths["questions.json"]] + [self.paths["overlap.json"]] * (self.overlap > 0)
+            if self._written == (self._file_version, self._questions_version) and all(f.exists() for f in files):
+                for f in files:  # the background writer wrote what there is: on disk for good is enough
+                    _fsync(f)
+                reader.set_meta(written=self._stamp())
+            else:
+                self._write_files(reader, durable=True)
         finally:
             reader.close()
             with self.changed:
                 self._closed = True
                 self.store.close()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _atomic_write(path: Path, parts, durable: bool) -> None:

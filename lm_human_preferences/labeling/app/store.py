@@ -7,9 +7,11 @@ Tables:
     events     seq → an answer (kind "answer": question, session, label or NULL for a skip) or
                an undo (kind "undo": session, undo = the seq of the answer taken back)
 
-The database is in WAL mode with `synchronous=FULL`: every `append` is one transaction, on
-disk before it returns, at a cost that does not grow with the number of answers; a killed
-process loses nothing committed. The label files are derived from it (queue.py writes them).
+The database is in WAL mode with `synchronous=FULL`: a commit is on disk (fsynced) when it
+returns, at a cost that does not grow with the number of answers, and a killed process loses
+nothing committed. Events are written into an open transaction (`begin`, `append`) that
+`commit` ends: queue.py commits the answers that arrived during one fsync together in the
+next, and confirms none before its commit returned. The label files are derived from it.
 """
 
 import json
@@ -80,9 +82,21 @@ class Store:
         """`with store.transaction():` one transaction (committed at the end, rolled back on error)."""
         return _Transaction(self.db)
 
+    def begin(self) -> None:
+        """Open a transaction for `append` and `add_questions`, unless one is open."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
     def add_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
-        with self.transaction():
-            self._insert_questions(first_id, items, records)
+        self._insert_questions(first_id, items, records)
 
     def _insert_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
         self.db.executemany("INSERT INTO questions VALUES (?, ?, ?)",
@@ -90,7 +104,7 @@ class Store:
 
     def append(self, seq: int, kind: str, session: str, question: int | None = None, label: int | None = None,
                undo: int | None = None) -> None:
-        """One event, committed (on disk) before this returns."""
+        """One event, in the open transaction."""
         self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (seq, kind, question, session, label, undo, time.time()))
 
