@@ -10,7 +10,9 @@ already in --dir (so an interrupted run goes on):
   3. ./label.py export DIR/labels.json --experiment E --out DIR/pairs.jsonl          (3 pairs a question)
   4. ./label.py import DIR/pairs.jsonl --experiment E --out DIR/pairs.json           (best_of_2 records)
   5. ./launch.py train_reward E rt2 --save_dir DIR --labels.source DIR/pairs.json --labels.type best_of_2
-         --labels.num_train K    (K: the pairs of the same 2,048 training questions)
+         --labels.num_train K    (K: the pairs of the same 2,048 training questions; 3 times the steps)
+  6. the same with --batch_size 96 (3 × the experiment's 32) as rt2b: as many steps as best_of_4 (64),
+     each over the pairs of as many questions on average
 Then both reward models score the held-out best-of-4 records (the questions after the first
 2,048 that are not among them, as train_reward holds out): best-of-4 accuracy (the labelled
 best gets the highest reward; chance 0.25) and pairwise accuracy (the best above each other
@@ -56,6 +58,20 @@ def training_prefix(pairs: label_files.Labels, train: label_files.Labels) -> int
     while k < len(pairs) and pairs.columns["query"][k].tobytes() in seen:
         k += 1
     return k
+
+
+def changed_pairs(labels: label_files.Labels, label_type: label_types.LabelType, pairs: label_files.Labels) -> int:
+    """How many imported pairs differ from the label file's (query, best, other) tokens, in file order."""
+    keys = label_type.response_keys
+    expected = [(q, labels.columns[keys[b]][i], labels.columns[keys[j]][i])
+                for i, (q, b) in enumerate(zip(labels.columns["query"], labels.columns["best"]))
+                for j in range(len(keys)) if j != b]
+    best = pairs.columns["best"]
+    got = zip(pairs.columns["query"], pairs.columns["sample0"], pairs.columns["sample1"], best)
+    imported = [(q, s1 if b else s0, s0 if b else s1) for q, s0, s1, b in got]
+    if len(imported) != len(expected):
+        raise SystemExit(f"{len(expected)} pairs exported but {len(imported)} imported: see the import's report")
+    return sum(any(not np.array_equal(x, y) for x, y in zip(e, g)) for e, g in zip(expected, imported))
 
 
 @torch.no_grad()
@@ -108,18 +124,28 @@ def main() -> None:
     pairs = label_files.load(str(d / "pairs.json"), label_types.get("best_of_2"), task.query_length,
                              task.response_length, vocab)
     k = training_prefix(pairs, train)
-    step(d / "rt2" / "train_reward_summary.json", ["launch.py", "train_reward", e, "rt2", "--save_dir", d,
-                                                   "--labels.source", d / "pairs.json", "--labels.type", "best_of_2",
-                                                   "--labels.num_train", k])
+    changed = changed_pairs(labels, label_type, pairs)
+    batch = experiments.get("train_reward", e).batch_size
+    runs = {"rt4": f"best_of_{n} on labels.json", "rt2": f"best_of_2 on the pairs, batch {batch}",
+            "rt2b": f"best_of_2, batch {(n - 1) * batch}"}
+    for name, flags in (("rt2", []), ("rt2b", ["--batch_size", (n - 1) * batch])):
+        step(d / name / "train_reward_summary.json", ["launch.py", "train_reward", e, name, "--save_dir", d,
+                                                      "--labels.source", d / "pairs.json", "--labels.type",
+                                                      "best_of_2", "--labels.num_train", k, *flags])
 
-    print(f"\n{len(train)} training questions ({k} pairs), {len(heldout)} held-out questions "
-          f"({len(pairs) - k} pairs); chance: best-of-{n} {1 / n:.2f}, pairwise 0.50")
-    print(f"{'reward model':<26}{'saved held-out acc.':>20}{f'best-of-{n} acc.':>16}{'pairwise acc.':>15}")
+    print(f"\n{len(train)} training questions ({k} pairs), {len(heldout)} held-out questions; "
+          f"chance: best-of-{n} {1 / n:.2f}, pairwise 0.50")
+    print(f"{changed} of {len(pairs)} imported pairs hold other tokens than the label file's "
+          "(text that its encoding reads differently, such as a word sampled glued to the one before)")
+    print(f"{'reward model':<34}{'steps':>6}{'saved held-out acc.':>22}{f'best-of-{n} acc.':>16}{'pairwise acc.':>15}")
     best = heldout.columns["best"]
-    for name, title in (("rt4", f"best_of_{n} on labels.json"), ("rt2", "best_of_2 on the pairs")):
-        saved = json.loads((d / name / "train_reward_summary.json").read_text())["heldout"]
+    for name, title in runs.items():
+        saved = json.loads((d / name / "train_reward_summary.json").read_text())
+        hp = json.loads((d / name / "train_reward_hparams.json").read_text())
         of_n, pairwise = accuracies(rewards_of(d / name, heldout, n), best)
-        print(f"{title:<26}{saved['accuracy']:>14.3f} ({saved['count']}){of_n:>16.3f}{pairwise:>15.3f}")
+        steps = hp["labels"]["num_train"] // hp["batch_size"]
+        print(f"{title:<34}{steps:>6}{saved['heldout']['accuracy']:>14.3f} ({saved['heldout']['count']:>4})"
+              f"{of_n:>16.3f}{pairwise:>15.3f}")
 
 
 if __name__ == "__main__":
