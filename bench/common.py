@@ -6,6 +6,7 @@ medians, so a machine shared with other jobs slows every variant alike and the r
 """
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -35,12 +36,17 @@ def add_size_args(parser, query_length: int = 64, response_length: int = 24) -> 
     parser.add_argument("--query_length", type=int, default=query_length)
     parser.add_argument("--response_length", type=int, default=response_length)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed seconds; cpu: this process's CPU seconds, which a machine crowded with "
+                             "other jobs inflates much less (use with --threads 1, where no thread waits spinning)")
 
 
 def prepare(args) -> None:
     """Apply --threads; shrink the lengths for the tiny model."""
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.model == "test":
         args.query_length, args.response_length = min(args.query_length, 6), min(args.response_length, 5)
 
@@ -54,7 +60,9 @@ def describe(args) -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, " \
         f"native bf16: {distributed.cpu_has_native_bf16()})"
-    return f"model {args.model}, tokens {args.query_length}+{args.response_length}, device {name}, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return (f"model {args.model}, tokens {args.query_length}+{args.response_length}, device {name}, "
+            f"torch {torch.__version__}, {args.clock} clock{load}")
 
 
 def bench_encoding(n_vocab: int) -> encodings.Encoding:
@@ -129,12 +137,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+CLOCK: Callable[[], float] = time.perf_counter  # --clock
+
+
 def timed(fn: Callable, *args, **kwargs) -> tuple[float, object]:
     sync()
-    started = time.perf_counter()
+    started = CLOCK()
     result = fn(*args, **kwargs)
     sync()
-    return time.perf_counter() - started, result
+    return CLOCK() - started, result
 
 
 def alternate(variants: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, dict[str, float]]:

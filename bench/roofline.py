@@ -5,13 +5,15 @@
     python bench/roofline.py --model test    # tiny: checks that the script runs
 
 The machine: torch.matmul's time at every matrix-product shape of the model's forward and
-backward passes (bf16 and float32) and its memory bandwidth (a large tensor copy). The floor
-of a phase is the larger of
+backward passes (bf16 and float32) and its memory bandwidth (the fastest of a sum, a copy and
+an in-place add over a large tensor). The floor
+of a phase is the sum of
   - its matrix products, each at the time torch.matmul takes for that shape in bf16 (training
-    backward: the two products per forward product, dX = dY·W and dW = dYᵀ·X), and
-  - the bytes it must move at the measured bandwidth: the bf16 weights read by every decode
-    step of sampling (plus the KV cache), and Adam's 28 bytes per parameter a step (fp32
-    master read and written, gradient read, both moments read and written).
+    backward: the two products per forward product, dX = dY·W and dW = dYᵀ·X);
+  - its memory-bound steps at the measured bandwidth: each decode step of sampling reads every
+    bf16 weight and the KV cache (or does its arithmetic at the fastest bf16 rate measured,
+    whichever takes longer), and an Adam step moves 28 bytes per parameter (the fp32 master
+    read and written, the gradient read, both moments read and written).
 Element-wise work, attention's softmax and Python are not in the floor, so it is a lower bound.
 
 Measured in the same run, alternated after a warm-up round (medians of --repeats):
@@ -67,7 +69,7 @@ def backward_products(forward: list[Shape]) -> list[Shape]:
 
 
 class Machine:
-    """torch.matmul times per shape and the copy bandwidth, measured on this machine."""
+    """torch.matmul times per shape and the memory bandwidth, measured on this machine."""
 
     def __init__(self, device: torch.device, copy_mib: int):
         self.device = device
@@ -95,17 +97,23 @@ class Machine:
         for dtype in dtypes:
             for shape in shapes:
                 result[f"{dtype} {shape}"] = self._matmul_seconds(shape, dtype)
-        src = torch.ones(self.copy_elements, device=self.device)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        result["copy"] = min(common.timed(dst.copy_, src)[0] for _ in range(3))
+        a = torch.ones(self.copy_elements, device=self.device)
+        b = torch.ones_like(a)
+        # Bytes/s of the fastest of three streaming kernels: read (sum), read + write (copy),
+        # two reads + a write (in-place add, as most of Adam's streams are).
+        kernels = {"sum": (a.sum, (), 1), "copy": (b.copy_, (a,), 2), "add": (b.add_, (a,), 3)}
+        result["bandwidth"] = 0.0
+        for fn, fn_args, streams in kernels.values():
+            fn(*fn_args)
+            seconds = min(common.timed(fn, *fn_args)[0] for _ in range(3))
+            result["bandwidth"] = max(result["bandwidth"], streams * 4 * self.copy_elements / seconds)
         return result
 
     def take(self, medians: dict[str, float], shapes: set[Shape], dtypes: tuple[torch.dtype, ...]) -> None:
         for dtype in dtypes:
             for shape in shapes:
                 self.seconds[(shape, dtype)] = medians[f"{dtype} {shape}"]
-        self.bandwidth = 2 * 4 * self.copy_elements / medians["copy"]  # read + write
+        self.bandwidth = medians["bandwidth"]
         self.peak = max(self.peak, max(s.flops / self.seconds[(s, torch.bfloat16)] for s in shapes))
 
     def products(self, shapes: list[Shape], dtype: torch.dtype = torch.bfloat16) -> float:
@@ -127,7 +135,7 @@ class Floors:
     def seconds(self, machine: Machine, phase: str) -> float:
         compute = machine.products(self.products.get(phase, []))
         steps = sum(max(moved / machine.bandwidth, flops / machine.peak) for moved, flops in self.steps.get(phase, []))
-        return max(compute, self.bytes.get(phase, 0.0) / machine.bandwidth) + steps
+        return compute + self.bytes.get(phase, 0.0) / machine.bandwidth + steps
 
 
 def linear_weights(hp: lm.HParams) -> int:
@@ -210,7 +218,7 @@ def main() -> None:
     parser.add_argument("--noptepochs", type=int, default=4)
     parser.add_argument("--records", type=int, default=4, help="best-of-4 records per reward-model step")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--copy_mib", type=int, default=512, help="size of the tensor copied to measure bandwidth")
+    parser.add_argument("--copy_mib", type=int, default=512, help="size of the tensors that measure the bandwidth")
     args = parser.parse_args()
     common.prepare(args)
     if args.model == "test":
@@ -230,7 +238,7 @@ def main() -> None:
                                args.repeats)
     machine.take(medians["machine"], shapes, bf16)
     fp32_round = machine.measure(shapes, (torch.float32,))
-    machine.take({**fp32_round, "copy": medians["machine"]["copy"]}, shapes, (torch.float32,))
+    machine.take({**fp32_round, "bandwidth": medians["machine"]["bandwidth"]}, shapes, (torch.float32,))
 
     print(common.describe(args))
     print(f"PPO batch {b}, {args.noptepochs} epochs, 1 minibatch, as shipped (precision auto = "
@@ -238,7 +246,7 @@ def main() -> None:
           f"medians of {args.repeats} after a warm-up, alternated with the machine's measurements")
     train = ppo.products["train"][:len(ppo.products["train"]) // args.noptepochs]
     big = [s for s in train if s.batch == 1]
-    print(f"machine: copy bandwidth {machine.bandwidth / 1e9:.1f} GB/s; torch.matmul at the training shapes "
+    print(f"machine: memory bandwidth {machine.bandwidth / 1e9:.1f} GB/s; torch.matmul at the training shapes "
           f"(trunk and logits, forward and backward): bf16 {machine.rate(big, torch.bfloat16) / 1e12:.2f} TFLOP/s, "
           f"fp32 {machine.rate(big, torch.float32) / 1e12:.2f} TFLOP/s; attention's batched products bf16 "
           f"{machine.rate([s for s in train if s.batch > 1], torch.bfloat16) / 1e12:.2f} TFLOP/s")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.training import train_policy
-from lm_human_preferences.language import encodings, model, sample, trained_models
+from lm_human_preferences.language import encodings, model, packed, sample, trained_models
 from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.task.rewards import RewardModel
 from lm_human_preferences.training.run import RunHParams
@@ -296,6 +296,7 @@ def test_precision_rule(monkeypatch):
 @pytest.mark.parametrize("script, args, expected", [
     ("ppo_update.py", ["--batch_size", "8", "--updates", "1"], "episodes/s"),
     ("ppo_speed.py", ["--repeats", "1", "--noptepochs", "1"], "sum of its parts"),
+    ("roofline.py", ["--repeats", "1", "--noptepochs", "1", "--clock", "cpu"], "measured/floor"),
     ("reward_speed.py", ["--repeats", "1", "--records", "2"], "shared/unshared"),
     ("sampling_speed.py", ["--repeats", "1"], "new tokens/s"),
     ("ppo_memory.py", ["--batch_size", "8", "--chunk_sizes", "4"], "peak"),
@@ -413,3 +414,62 @@ def test_working_copy_with_gradient_checkpointing():
         results[checkpointing] = out["logprobs"].detach(), _grads(policy.model)
     assert torch.equal(results[True][0], results[False][0])
     assert_grads_close(results[True][1], results[False][1])
+
+
+needs_packing = pytest.mark.skipif(not packed.available(torch.device("cpu")),
+                                   reason="this CPU or torch has no native bf16 oneDNN products to pack for")
+
+
+@needs_packing
+def test_packed_matrices_give_the_unpacked_products():
+    """A frozen bf16 model's forward from prepacked matrices equals the plain bf16 forward, and
+    the packing is kept until the weights change."""
+    hp = model.HParams(n_vocab=300, n_ctx=32, n_embd=64, n_head=4, n_layer=2)
+    m = _model(heads=("reward",), hp=hp).freeze(torch.bfloat16)
+    tokens = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = m(tokens, None)
+        with packed.packed(m):
+            got = m(tokens, None)
+            assert m.output_projection is not None
+            assert "forward" in m.h[0].mlp.c_fc.__dict__
+        first = m.h[0].mlp.c_fc.__dict__["_packed_weight"][2]
+        with packed.packed(m):
+            again = m(tokens, None)
+        assert m.h[0].mlp.c_fc.__dict__["_packed_weight"][2] is first  # unchanged weights: not packed again
+    assert m.output_projection is None and "forward" not in m.h[0].mlp.c_fc.__dict__
+    torch.testing.assert_close(got.logits.float(), plain.logits.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.heads["reward"], plain.heads["reward"], atol=2e-2, rtol=2e-2)
+    assert torch.equal(again.logits, got.logits)
+    cached = m.h[0].mlp.c_fc.__dict__["_packed_weight"]
+    with torch.no_grad():
+        m.h[0].mlp.c_fc.weight.mul_(2)  # a changed matrix is packed again
+        with packed.packed(m):
+            assert m.h[0].mlp.c_fc.__dict__["_packed_weight"][2] is not cached[2]
+            changed = m(tokens, None)
+    assert not torch.equal(changed.logits, got.logits)
+
+
+@needs_packing
+def test_sampling_from_packed_matrices_follows_training():
+    """A trained bf16 policy samples from packed copies of its working copy: the same samples as
+    without packing, and after an optimizer step from the new weights."""
+    results = {}
+    for use_packing in (False, True):
+        policy = Policy(_model(heads=("value",)), encodings.get("test"), _task(), precision="bf16")
+        policy.configure(RunHParams(precision="bf16"))
+        optimizer = TFAdam(policy.model.parameters(), lr=0.1)
+        rounds = []
+        for _ in range(2):
+            with pytest.MonkeyPatch.context() as patch:
+                if not use_packing:
+                    patch.setattr(packed, "available", lambda device: False)
+                rounds.append(policy.respond(QUERIES, 5, generator=torch.Generator().manual_seed(3)))
+            policy.analyze_responses(QUERIES, SAMPLED[:3])["logprobs"].sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results[use_packing] = rounds
+    for plain, fast in zip(results[False], results[True]):
+        assert torch.equal(fast["responses"], plain["responses"])
+        torch.testing.assert_close(fast["logprobs"], plain["logprobs"], atol=1e-2, rtol=1e-2)
+    assert not torch.equal(results[True][0]["logprobs"], results[True][1]["logprobs"])

@@ -14,6 +14,7 @@ enabled dropout in training or sampling, so this model applies none.
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -258,6 +259,8 @@ class Model(nn.Module):
         # After freeze(bf16): the output embedding in bf16 (wte itself stays float32 for the lookup).
         self.register_buffer("wte_lowp", None, persistent=False)
         self.frozen_dtype: torch.dtype | None = None
+        # While language/packed.py packs the matrices for inference: the logits' projection with them.
+        self.output_projection: Callable[[torch.Tensor], torch.Tensor] | None = None
         # run.gradient_checkpointing: keep only each block's input for the backward pass and
         # recompute the block there (activation memory of one block instead of all; ~1/3 more compute).
         self.gradient_checkpointing = False
@@ -431,7 +434,10 @@ class Model(nn.Module):
 
     def _outputs(self, x: torch.Tensor, cache: KVCache | None) -> Output:
         output_embedding = self.wte_lowp if self.wte_lowp is not None else self.wte.weight
-        logits = F.linear(x, output_embedding)  # tied output embedding
+        if self.output_projection is not None:
+            logits = self.output_projection(x)
+        else:
+            logits = F.linear(x, output_embedding)  # tied output embedding
         heads = {name: head(x).squeeze(-1).float() for name, head in self.heads.items()}
         return Output(logits=logits, heads=heads, cache=cache)
 

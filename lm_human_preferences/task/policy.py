@@ -5,7 +5,7 @@ import contextlib
 import torch
 
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.language import encodings, sample, trained_models
+from lm_human_preferences.language import encodings, packed, sample, trained_models
 from lm_human_preferences.language.model import Model
 from lm_human_preferences.utils import core, distributed, tf_adam
 
@@ -35,9 +35,16 @@ class Policy:
             self.working_copy = tf_adam.working_copy(self.model, self.compute_dtype)
         return self
 
-    def _weights(self):
-        """The context of a forward call: the working copy when there is one."""
-        return self.working_copy.active() if self.working_copy is not None else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _weights(self, pack: bool):
+        """The context of forward calls: the working copy when there is one; with `pack`, the bf16
+        matrices prepacked (language/packed.py; kept until the weights change)."""
+        with contextlib.ExitStack() as stack:
+            if self.working_copy is not None:
+                stack.enter_context(self.working_copy.active())
+            if pack:
+                stack.enter_context(packed.packed(self.model))
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +68,7 @@ class Policy:
         dtype = self.compute_dtype
 
         def respond_chunk(queries: torch.Tensor, noise: torch.Tensor) -> dict:
-            with distributed.autocast(self.device, dtype), self._weights():
+            with distributed.autocast(self.device, dtype), self._weights(pack=True):
                 samples = sample.sample(self.model, self.format_queries(queries), length, noise=noise,
                                         padding_token=self.encoding.padding_token, temperature=self.temperature,
                                         share_context=self.share_queries)
@@ -78,7 +85,8 @@ class Policy:
         """
         context = self.format_queries(queries)
         tokens = torch.cat([context, responses], dim=1)
-        with distributed.autocast(self.device, self.compute_dtype), self._weights():
+        frozen = self.model.frozen_dtype is not None and not torch.is_grad_enabled()  # packed once: pays
+        with distributed.autocast(self.device, self.compute_dtype), self._weights(pack=frozen):
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1),
                              shared_prefix=context.shape[1] if self.share_queries else 0)
         logits = out.logits.float()

@@ -5,7 +5,7 @@ import contextlib
 import torch
 from torch import nn
 
-from lm_human_preferences.language import trained_models
+from lm_human_preferences.language import packed, trained_models
 from lm_human_preferences.language.encodings import Encoding
 from lm_human_preferences.language.model import Model
 from lm_human_preferences.utils import distributed, save_folders, storage, tf_adam
@@ -60,7 +60,12 @@ class RewardModel(nn.Module):
         backward pass too.
         """
         tokens = torch.cat([queries, responses], dim=1)
-        weights = self.working_copy.active() if self.working_copy is not None else contextlib.nullcontext()
+        if self.working_copy is not None:
+            weights = self.working_copy.active()
+        elif self.model.frozen_dtype is not None and not torch.is_grad_enabled():
+            weights = packed.packed(self.model)  # prepacked matrices (language/packed.py), packed once
+        else:
+            weights = contextlib.nullcontext()
         with distributed.autocast(self.device, self.compute_dtype), weights:
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(-1, None),
                              shared_prefix=queries.shape[1] if self.share_queries else 0)
