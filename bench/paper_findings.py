@@ -70,7 +70,7 @@ DOCS = ROOT / "docs"
 class Cell:
     experiment: str
     seed: int
-    kind: str  # labels-N, ceiling, kl-T, kl-off, online-{current,initial}[-matched], online-initial-h10000
+    kind: str  # labels-N, ceiling[-matched], kl-T, kl-off, online-{current,initial}[-matched], online-initial-h10000
 
     @property
     def name(self) -> str:
@@ -90,7 +90,7 @@ class Cell:
 
 # One seed's cells, most informative first (the experiments interleaved).
 KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "online-current", "online-initial-matched",
-         "labels-256", "kl-off", "online-current-matched", "kl-1.5", "labels-4096", "kl-24.0", "online-initial-h10000",
+         "ceiling-matched", "labels-256", "kl-off", "online-current-matched", "kl-1.5", "labels-4096", "kl-24.0", "online-initial-h10000",
          "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
 MATCH_SEED = 0  # the seed whose runs set the matched online cells' KL targets
 
@@ -134,9 +134,9 @@ def launch_flags(cell: Cell, keep: Path) -> list[str]:
 
 
 def command(cell: Cell, keep: Path, extra: list[str]) -> list[str]:
-    if cell.kind == "ceiling":
+    if cell.kind.startswith("ceiling"):
         return [sys.executable, str(Path(__file__).resolve()), "--ceiling-run", cell.experiment, str(cell.seed),
-                str(keep), "--flags", *extra]
+                str(keep), cell.kind, "--flags", *extra]
     return [sys.executable, str(ROOT / "launch.py"), "train_policy", cell.experiment, cell.name,
             *launch_flags(cell, keep), *extra]
 
@@ -197,16 +197,17 @@ def labeler_moments(labeler: str, task: lm_tasks.TaskHParams, n: int, seed: int)
     return scores.mean().item(), scores.std(unbiased=False).item()
 
 
-def ceiling_run(experiment: str, seed: int, keep: Path, extra: list[str]) -> None:
+def ceiling_run(experiment: str, seed: int, keep: Path, kind: str, extra: list[str]) -> None:
     """PPO against the labeler itself, with the label-scaling cells' budget, target and horizon."""
     from lm_human_preferences import experiments
     from lm_human_preferences.cli import launch, options
     from lm_human_preferences.utils import distributed
 
-    cell = Cell(experiment, seed, "ceiling")
+    cell = Cell(experiment, seed, kind)
+    target = matched_target(cell, keep) if kind.endswith("-matched") else TARGET
     # Validation wants one reward source; the labeler is named there for the record (never loaded:
     # train() is given the reward function).
-    flags = {"save_dir": str(keep), "run.seed": str(seed), "rewards.adaptive_kl.target": str(TARGET),
+    flags = {"save_dir": str(keep), "run.seed": str(seed), "rewards.adaptive_kl.target": str(target),
              "rewards.adaptive_kl.horizon": str(HORIZON), "rewards.train_new_model": "off",
              "rewards.trained_model": f"mock:{cell.labeler} (the labeler's own score)",
              **options.parse(extra, booleans=set())}
@@ -411,14 +412,20 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
                       *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def label_table(results: Results, experiments: Iterable[str]) -> str:
-    header = ["experiment", "reward", "seeds", "labeler's score after", "win rate", "held-out accuracy", "final KL",
-              "wall s"]
+def targets_of(results: Results, keep: Path, experiment: str, kind: str) -> str:
+    targets = {kl_target(keep, Cell(experiment, seed, kind)) for seed in seeds_done(results, experiment, kind)}
+    return ", ".join(f"{t:g}" for t in sorted(targets)) or "–"
+
+
+def label_table(results: Results, experiments: Iterable[str], keep: Path) -> str:
+    header = ["experiment", "reward", "seeds", "KL target", "labeler's score after", "win rate", "held-out accuracy",
+              "final KL", "wall s"]
     rows = []
     for e in experiments:
-        for kind, title in [(f"labels-{n}", f"{n} labels") for n in LABEL_COUNTS] + [("ceiling", "labeler itself")]:
+        for kind, title in [(f"labels-{n}", f"{n} labels") for n in LABEL_COUNTS] + [
+                ("ceiling", "labeler itself"), ("ceiling-matched", "labeler itself, matched target")]:
             ms = of(results, e, kind)
-            rows.append([f"`{e}`", title, str(len(ms)), spread([m["score"] for m in ms]),
+            rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, keep, e, kind), spread([m["score"] for m in ms]),
                          spread([m["win_rate"] for m in ms], 3), spread([m.get("heldout_accuracy") for m in ms], 3),
                          spread([m["kl"] for m in ms]), spread([m["wall_time"] for m in ms], 0)])
     return markdown(header, rows)
@@ -465,8 +472,7 @@ def online_table(results: Results, experiments: Iterable[str], keep: Path) -> st
     for e in experiments:
         for kind, title in ONLINE_KINDS:
             ms = of(results, e, kind)
-            targets = {kl_target(keep, Cell(e, c_seed, kind)) for c_seed in seeds_done(results, e, kind)}
-            rows.append([f"`{e}`", title, str(len(ms)), ", ".join(f"{t:g}" for t in sorted(targets)) or "–",
+            rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, keep, e, kind),
                          spread([m["kl"] for m in ms]), spread([m["kl_coef_history"][-1] for m in ms if m["kl_coef_history"]], 3), spread([m["win_rate"] for m in ms], 3),
                          spread([m["score"] for m in ms]), spread([m.get("heldout_accuracy") for m in ms], 3),
                          spread([m.get("own_rm_after_std") for m in ms])])
@@ -510,11 +516,16 @@ def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
     plt, fig, axes = figure(len(experiments))
     for ax, e in zip(axes, experiments):
         groups = [[m["score"] for m in of(results, e, f"labels-{n}")] for n in LABEL_COUNTS]
-        band(ax, list(LABEL_COUNTS), groups, "reward model from N labels", "C0")
-        ceiling = [m["score"] for m in of(results, e, "ceiling")]
-        if ceiling:
-            ax.axhline(statistics.mean(ceiling), color="C3", label="PPO on the labeler's score")
-            ax.axhspan(min(ceiling), max(ceiling), color="C3", alpha=0.15)
+        kls = [m["kl"] for n in LABEL_COUNTS for m in of(results, e, f"labels-{n}")]
+        band(ax, list(LABEL_COUNTS), groups, "reward model from N labels" + (
+            f" (final KL {min(kls):.1f}–{max(kls):.1f})" if kls else ""), "C0")
+        for kind, style, color in (("ceiling", "-", "C3"), ("ceiling-matched", "--", "C4")):
+            ms = of(results, e, kind)
+            if ms:
+                scores, kl = [m["score"] for m in ms], statistics.mean(m["kl"] for m in ms)
+                title = "PPO on the labeler's score" + (", matched target" if kind.endswith("matched") else "")
+                ax.axhline(statistics.mean(scores), color=color, linestyle=style, label=f"{title} (final KL {kl:.1f})")
+                ax.axhspan(min(scores), max(scores), color=color, alpha=0.15)
         before = [m["score_before"] for ms in ([m for m in of(results, e, f"labels-{n}")] for n in LABEL_COUNTS)
                   for m in ms]
         if before:
@@ -611,7 +622,7 @@ def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path
     missing = [c.name for c in cells if c not in results]
     text = "\n\n".join([
         f"Kept in {keep}; {len(results)} of {len(results) + len(missing)} cells finished.",
-        "### Label scaling\n\n" + label_table(results, experiments),
+        "### Label scaling\n\n" + label_table(results, experiments, keep),
         "### KL trade-off\n\n" + kl_table(results, experiments),
         "### Online against offline\n\n" + online_table(results, experiments, keep),
         "### The reward's strength, round by round (first seed)\n\n" + strength_table(keep, cells),
@@ -657,14 +668,14 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="only these cells")
     parser.add_argument("--report-only", action="store_true", help="only the tables and plots of the finished cells")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the plots go (default: docs/)")
-    parser.add_argument("--ceiling-run", nargs=3, metavar=("EXPERIMENT", "SEED", "KEEP"), help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-run", nargs=4, metavar=("EXPERIMENT", "SEED", "KEEP", "KIND"), help=argparse.SUPPRESS)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="extra launch.py flags for every run (e.g. a shorter PPO to try the bench out)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.ceiling_run:
-        experiment, seed, keep = args.ceiling_run
-        ceiling_run(experiment, int(seed), Path(keep), args.flags)
+        experiment, seed, keep, kind = args.ceiling_run
+        ceiling_run(experiment, int(seed), Path(keep), kind, args.flags)
         return
     if args.keep is None:
         parser.error("--keep DIR is required (the runs are kept there)")

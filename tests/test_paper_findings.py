@@ -101,6 +101,13 @@ def test_the_ceiling_rewards_the_labelers_score_normalized(bench):
     assert reward(torch.zeros_like(response), response).tolist() == pytest.approx([expected])
 
 
+def test_a_ceiling_cell_runs_this_script_with_its_kind_and_the_extra_flags(bench, tmp_path):
+    cell = bench.Cell("mock_sentiment", 0, "ceiling-matched")
+    command = bench.command(cell, tmp_path, ["--ppo.lr", "1e-5"])
+    assert command[command.index("--ceiling-run") + 1:] == ["mock_sentiment", "0", str(tmp_path), "ceiling-matched",
+                                                            "--flags", "--ppo.lr", "1e-5"]
+
+
 def test_a_matched_online_cell_scales_the_target_by_the_match_seeds_kl_ratio(bench, tmp_path):
     cell = bench.Cell("mock_sentiment", 1, "online-initial-matched")
     assert bench.matched_target(cell, tmp_path) is None  # its seed-0 runs have not finished
