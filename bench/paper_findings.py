@@ -89,9 +89,9 @@ class Cell:
 
 
 # One seed's cells, most informative first (the experiments interleaved).
-KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "online-current", "online-initial-matched",
-         "ceiling-matched", "labels-256", "kl-off", "online-current-matched", "kl-1.5", "labels-4096", "kl-24.0", "online-initial-h10000",
-         "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
+KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "online-current", "labels-256", "kl-off",
+         "online-initial-matched", "ceiling-matched", "online-current-matched", "kl-1.5", "labels-4096", "kl-24.0",
+         "online-initial-h10000", "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
 MATCH_SEED = 0  # the seed whose runs set the matched online cells' KL targets
 
 
