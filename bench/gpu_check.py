@@ -14,6 +14,7 @@ Checks, each isolated (one that fails or crashes is reported and the others stil
   kv_cache    log-probs of KV-cache sampling against a full forward over context + samples, float32
   nccl        all-reduce, all-gather and broadcast (the helpers of utils/distributed.py) across
               the visible GPUs; skipped with fewer than 2
+  gloo        the same over gloo between 2 CPU processes (CPU ranks; and the NCCL check's machinery)
   ppo         PPO updates at the descriptiveness shapes (batch 512 split over the visible GPUs,
               64 + 24 tokens, 4 epochs, run.chunk_size --chunk_size): episodes/s, sampling time per
               batch, peak GPU memory and MFU, on one rank (the per-rank share of the batch)
@@ -162,12 +163,14 @@ def check_kv_cache(args, device: torch.device) -> str:
     return detail
 
 
-def _collectives(index: int, world: int, init_method: str, errors: str) -> None:
-    """One rank of the NCCL check: the repository's collective helpers on this rank's GPU."""
+def _collectives(index: int, world: int, init_method: str, errors: str, backend: str) -> None:
+    """One rank of the collectives check: the repository's collective helpers, over NCCL on this
+    rank's GPU or over gloo on the CPU."""
     try:
-        torch.cuda.set_device(index)
-        torch.distributed.init_process_group("nccl", init_method=init_method, rank=index, world_size=world)
-        device = torch.device("cuda", index)
+        if backend == "nccl":
+            torch.cuda.set_device(index)
+        torch.distributed.init_process_group(backend, init_method=init_method, rank=index, world_size=world)
+        device = torch.device("cuda", index) if backend == "nccl" else torch.device("cpu")
         summed = distributed.all_reduce_sum(torch.full((1000,), float(index + 1), device=device))
         assert torch.all(summed == world * (world + 1) / 2), f"all_reduce_sum gave {summed[0].item()}"
         gathered = distributed.all_gather_cat(torch.full((2,), float(index), device=device))
@@ -194,27 +197,39 @@ def check_nccl(args, device: torch.device) -> str:
     world = torch.cuda.device_count()
     if world < 2:
         raise Skip(f"{world} GPU visible; NCCL collectives need at least 2")
+    return _check_collectives("nccl", world)
+
+
+def check_gloo(args, device: torch.device) -> str:
+    """The same collectives over gloo between 2 CPU processes (what CPU ranks use; and the
+    machinery of the NCCL check, exercised where there is no GPU)."""
+    return _check_collectives("gloo", 2)
+
+
+def _check_collectives(backend: str, world: int) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     with tempfile.TemporaryDirectory() as errors:
-        context = mp.start_processes(_collectives, args=(world, init_method, errors), nprocs=world, join=False,
-                                     start_method="spawn")
-        try:
-            finished = context.join(timeout=120)
-        except mp.ProcessException:
-            finished = True  # a rank failed: its report below says how
-        if not finished:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError("the NCCL ranks did not finish within 120 s")
+        context = mp.start_processes(_collectives, args=(world, init_method, errors, backend), nprocs=world,
+                                     join=False, start_method="spawn")
+        deadline = time.monotonic() + 120
+        try:  # join returns False whenever one rank exits before the others: wait on
+            while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    for process in context.processes:
+                        process.kill()
+                    raise AssertionError(f"the {backend} ranks did not finish within 120 s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            pass  # a rank failed: its report below says how
         reports = []
         for name in sorted(os.listdir(errors)):
             with open(os.path.join(errors, name)) as f:
                 reports.append(f"rank {name}: {f.read().strip().splitlines()[-1]}")
         if reports:
             raise AssertionError("; ".join(reports))
-    return f"all_reduce_sum, all_gather_cat, average_gradients, broadcast_module across {world} GPUs"
+    where = f"{world} GPUs" if backend == "nccl" else f"{world} CPU processes"
+    return f"all_reduce_sum, all_gather_cat, average_gradients, broadcast_module over {backend} across {where}"
 
 
 def forward_flops(hp: lm.HParams, batch: int, tokens: int, outputs: int) -> float:
@@ -338,7 +353,7 @@ def main() -> None:
     parser.add_argument("--response_length", type=int, default=24)
     parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s, for MFU")
     parser.add_argument("--compile", action="store_true", help="also PPO with run.compile, if the tree has it")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["bf16", "mask_free", "kv_cache", "nccl", "ppo"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["bf16", "mask_free", "kv_cache", "nccl", "gloo", "ppo"])
     args = parser.parse_args()
     if args.model == "test":  # its context is 32 tokens
         args.query_length, args.response_length = min(args.query_length, 12), min(args.response_length, 8)
@@ -348,6 +363,7 @@ def main() -> None:
     print(f"gpu_check: model {args.model} (random weights), device {name}, torch {torch.__version__}", flush=True)
     checks = {"bf16": lambda: check_bf16(args, device), "mask_free": lambda: check_mask_free(args, device),
               "kv_cache": lambda: check_kv_cache(args, device), "nccl": lambda: check_nccl(args, device),
+              "gloo": lambda: check_gloo(args, device),
               "ppo": lambda: check_ppo(args, device)}
     if args.compile:
         checks["ppo, compiled"] = lambda: check_ppo(args, device, compiled=True)

@@ -20,7 +20,7 @@ def test_gpu_check_passes_on_cpu():
     done = _gpu_check(*SMALL, "--compile")
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    for check in ("bf16", "mask_free", "kv_cache", "ppo"):
+    for check in ("bf16", "mask_free", "kv_cache", "gloo", "ppo"):
         assert f"[pass] {check} (" in out, out
     assert "[skipped] nccl" in out and "no CUDA" in out
     assert "episodes/s per rank" in out and "sampling" in out and "MFU: no peak known for a CPU" in out
@@ -42,12 +42,12 @@ sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]
 sys.path.insert(0, {str(SCRIPT.parent)!r})
 runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
 """)
-    done = subprocess.run([sys.executable, str(broken), *SMALL, "--skip", "ppo"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, str(broken), *SMALL, "--skip", "gloo", "ppo"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     assert "[FAIL] mask_free (" in out and "[pass] kv_cache (" in out and "[pass] bf16 (" in out, out
-    assert "gpu_check: FAIL (2 passed, 1 failed: mask_free, 2 skipped: nccl, ppo)" in out
+    assert "gpu_check: FAIL (2 passed, 1 failed: mask_free, 3 skipped: nccl, gloo, ppo)" in out
 
 
 def test_skip_names_are_checked():
