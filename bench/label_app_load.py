@@ -8,18 +8,22 @@ K answered questions of the summarization tasks' size.
 
 For each K a fresh folder gets a questions file of K + `--answers` best-of-4 questions (queries
 of 500 tokens, 4 responses of 75, texts of matching length) and a journal of K answers, the
-files an earlier `label.py serve` would have left; the queue opens them (timed: "open s") and
-the app serves them on 127.0.0.1. A second process runs `--labelers` threads, each a browser
+files an earlier `label.py serve` would have left; the queue opens them (timed: "open s"; an
+app that keeps a database migrates them into it, once, and writes the label file) and the app
+serves them on 127.0.0.1. A second process runs `--labelers` threads, each a browser
 session: GET /api/state for its question, then POST /api/label, as fast as the server answers
 (plus `--think-ms` between answers), until `--answers` answers in all or `--max-seconds`. The
-latency per answer is the POST's round trip; answers/s is answers over the measured time. The
-queue is then closed (timed: "close s", which writes the label file). Prints one row per K.
+latency per answer is the POST's round trip; answers/s is answers over the measured time;
+"failed" counts POSTs whose connection broke (the labeler then reloads its question). The
+queue is then closed (timed: "close s", which writes the label file) and opened again ("reopen s":
+a restart's cost). Prints one row per K.
 """
 
 import argparse
 import http.client
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -83,7 +87,8 @@ def _request(port: int, method: str, path: str, cookie: str | None, body: dict |
     return response.status, payload, set_cookie
 
 
-def labeler(port: int, budget: list, deadline: float, think_s: float, lock: threading.Lock, out: list) -> None:
+def labeler(port: int, budget: list, deadline: float, think_s: float, lock: threading.Lock, out: list,
+            errors: list) -> None:
     """One browser session answering until the budget or the deadline runs out."""
     status, state, set_cookie = _request(port, "GET", "/api/state", None)
     cookie = set_cookie.split(";")[0]
@@ -94,11 +99,17 @@ def labeler(port: int, budget: list, deadline: float, think_s: float, lock: thre
                 return
             budget[0] -= 1
         start = time.perf_counter()
-        status, state, _ = _request(port, "POST", "/api/label", cookie,
-                                    {"id": state["question"]["id"], "label": rng.randrange(RESPONSES)})
+        try:
+            status, answered, _ = _request(port, "POST", "/api/label", cookie,
+                                           {"id": state["question"]["id"], "label": rng.randrange(RESPONSES)})
+        except OSError:  # counted, and the labeler goes on as a browser would (the old code reset some)
+            errors.append(time.perf_counter() - start)
+            status, state, _ = _request(port, "GET", "/api/state", cookie)
+            continue
         elapsed = time.perf_counter() - start
         if status != 200:
-            raise RuntimeError(f"answer refused: {status} {state}")
+            raise RuntimeError(f"answer refused: {status} {answered}")
+        state = answered
         out.append(elapsed)
         if think_s:
             time.sleep(rng.uniform(0, 2 * think_s))
@@ -107,24 +118,29 @@ def labeler(port: int, budget: list, deadline: float, think_s: float, lock: thre
 def clients(port: int, n: int, answers: int, max_seconds: float, think_s: float, result) -> None:
     """The labelers, in a process of their own (so their Python does not share the server's GIL)."""
     latencies: list[float] = []
+    errors: list[float] = []
     budget, lock = [answers], threading.Lock()
     start = time.monotonic()
-    threads = [threading.Thread(target=labeler, args=(port, budget, start + max_seconds, think_s, lock, latencies))
-               for _ in range(n)]
+    threads = [threading.Thread(target=labeler, args=(port, budget, start + max_seconds, think_s, lock, latencies,
+                                                      errors)) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    result.put((latencies, time.monotonic() - start))
+    result.put((latencies, len(errors), time.monotonic() - start))
 
 
 def run(k: int, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="label_load_") as folder:
         out = Path(folder) / "labels.json"
         prefill(out, k, args.answers + args.labelers)
+        os.sync()  # the set-up's writes (hundreds of MB at 50k) must not be flushed during the measurement
         start = time.perf_counter()
         queue = LabelQueue(out, label_types.get("best_of_4"), seed=0)
+        if hasattr(queue, "flush"):  # an app that writes its label file in the background: its first write
+            queue.flush()
         opened = time.perf_counter() - start
+        os.sync()  # nor those of a migration: the measurement is of an app that runs, not of one starting
         server = web.LabelServer(queue, web.Page("load", "Pick the best."), "127.0.0.1", 0)
         server.start()
         try:
@@ -133,7 +149,7 @@ def run(k: int, args) -> dict:
             process = context.Process(target=clients, args=(server.server_address[1], args.labelers, args.answers,
                                                              args.max_seconds, args.think_ms / 1000, result))
             process.start()
-            latencies, elapsed = result.get(timeout=args.max_seconds + 300)
+            latencies, errors, elapsed = result.get(timeout=args.max_seconds + 300)
             process.join(30)
         finally:
             server.shutdown()
@@ -141,10 +157,13 @@ def run(k: int, args) -> dict:
             start = time.perf_counter()
             queue.close()
             closed = time.perf_counter() - start
+        start = time.perf_counter()
+        LabelQueue(out, label_types.get("best_of_4"), seed=0).close()
+        reopened = time.perf_counter() - start
     latencies.sort()
-    return dict(k=k, answers=len(latencies), p50=1000 * statistics.median(latencies),
+    return dict(k=k, answers=len(latencies), errors=errors, p50=1000 * statistics.median(latencies),
                 p99=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-                rate=len(latencies) / elapsed, open=opened, close=closed)
+                rate=len(latencies) / elapsed, open=opened, close=closed, reopen=reopened)
 
 
 def main() -> None:
@@ -159,12 +178,12 @@ def main() -> None:
 
     print(f"code: {Path(lm_human_preferences.__file__).parent}; {args.labelers} labelers, think "
           f"{args.think_ms:g} ms; query {QUERY_TOKENS} tokens, {RESPONSES} responses of {RESPONSE_TOKENS}", flush=True)
-    print("| K answered before | answers | p50 ms | p99 ms | answers/s | open s | close s |\n|---|---|---|---|---|---|---|",
-          flush=True)
+    print("| K answered before | answers | failed | p50 ms | p99 ms | answers/s | open s | close s | reopen s |\n"
+          "|---|---|---|---|---|---|---|---|---|", flush=True)
     for k in args.k:
         r = run(k, args)
-        print(f"| {r['k']:,} | {r['answers']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rate']:.1f} | {r['open']:.1f} | "
-              f"{r['close']:.1f} |", flush=True)
+        print(f"| {r['k']:,} | {r['answers']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rate']:.1f} | "
+              f"{r['open']:.1f} | {r['close']:.1f} | {r['reopen']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

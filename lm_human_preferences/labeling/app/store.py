@@ -2,8 +2,9 @@
 
 Tables:
     meta       key → value: the label type, what was migrated, what the label file last held
-    questions  id → the question as the questions file holds it (JSON), and its label record
-               in the released schema up to its label (`record` + the label + "}" is the record)
+    questions  id → the question as the questions file holds it (JSON)
+    records    id → its label record in the released schema up to the label (`record` + the
+               label + "}" is the record), apart: writing the label file reads these only
     events     seq → an answer (kind "answer": question, session, label or NULL for a skip) or
                an undo (kind "undo": session, undo = the seq of the answer taken back)
 
@@ -26,7 +27,8 @@ from lm_human_preferences.utils.errors import UserError
 SCHEMA_VERSION = "1"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS questions (id INTEGER PRIMARY KEY, item TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS questions (id INTEGER PRIMARY KEY, item TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, question INTEGER,
                                    session TEXT NOT NULL, label INTEGER, undo INTEGER, time REAL NOT NULL);
 """
@@ -99,8 +101,9 @@ class Store:
         self._insert_questions(first_id, items, records)
 
     def _insert_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
-        self.db.executemany("INSERT INTO questions VALUES (?, ?, ?)",
-                            ((first_id + i, item_json(it), r) for i, (it, r) in enumerate(zip(items, records))))
+        self.db.executemany("INSERT INTO questions VALUES (?, ?)",
+                            ((first_id + i, item_json(it)) for i, it in enumerate(items)))
+        self.db.executemany("INSERT INTO records VALUES (?, ?)", ((first_id + i, r) for i, r in enumerate(records)))
 
     def append(self, seq: int, kind: str, session: str, question: int | None = None, label: int | None = None,
                undo: int | None = None) -> None:
@@ -137,7 +140,7 @@ class Store:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            out.update(self.db.execute(f"SELECT id, record FROM questions WHERE id IN ({marks})", chunk))
+            out.update(self.db.execute(f"SELECT id, record FROM records WHERE id IN ({marks})", chunk))
         return out
 
     def items_json(self) -> Iterator[str]:
