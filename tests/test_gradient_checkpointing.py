@@ -148,4 +148,4 @@ def test_model_sizes_bench_runs():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("test ")]
     assert [(r[1], r[-7]) for r in rows] == [("PPO", "off"), ("PPO", "on"), ("reward", "off"), ("reward", "on")]
-    assert all(float(r[-5]) > 0 and float(r[-2]) > 0 for r in rows)  # peak RSS, CPU seconds
+    assert all(float(r[-5]) > 0 and float(r[-2]) >= 0 for r in rows)  # peak RSS, CPU seconds (0.0 when tiny)
