@@ -233,7 +233,7 @@ def print_table(args, results: list[dict], total_s: float) -> None:
         off = next((o for o in results if (o["size"], o["phase"], o["checkpointing"]) == (r["size"], r["phase"], "off")), None)
         what = f"PPO update, batch {args.batch_size}" if r["phase"] == "ppo" else f"reward step, {args.records}×4"
         value = r["peak_gpu_gib"] if gpu else r["peak_rss_gib"]
-        ratio = f"{r['cpu_s'] / off['cpu_s']:.2f}x" if off and off['cpu_s'] > 0 else ""
+        ratio = f"{r['cpu_s'] / off['cpu_s']:.2f}x" if off and off['cpu_s'] > 0 else "-"
         rows.append([r["size"], what, r["checkpointing"], r["dtype"], f"{value:.2f}", f"{r['rss_after_build_gib']:.2f}",
                      f"{r['seconds']:.1f}", f"{r['cpu_s']:.1f}", ratio])
     print(common.table(rows))
