@@ -51,6 +51,7 @@ SECURITY_HEADERS = {
 SESSION_COOKIE, TOKEN_COOKIE = "lmhp_session", "lmhp_token"
 MAX_BODY = 64 * 1024
 DEFAULT_PORT = 8000
+SHUTDOWN_POLL_S = 0.1  # how soon `shutdown` takes effect (http.server's default is 0.5 s)
 
 INSTRUCTIONS = {  # (best_of_N, scalar_rating) by mock labeler or experiment name
     "descriptiveness": ("Pick the most descriptive continuation: vivid, rich in adjectives and adverbs.",
@@ -132,7 +133,7 @@ class LabelServer(http.server.ThreadingHTTPServer):
         return f"http://{shown}:{port}/" + (f"?token={self.token}" if self.token else "")
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="label-server", daemon=True)
+        thread = threading.Thread(target=self.serve_forever, args=(SHUTDOWN_POLL_S,), name="label-server", daemon=True)
         thread.start()
         return thread
 
