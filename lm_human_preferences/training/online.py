@@ -39,12 +39,12 @@ then waits, printing progress, until people have answered its questions.
 Files in the save folder: `labels.json` (every training label so far, in the released schema,
 growing round by round), `heldout_labels.json`, `online_summary.json` (one entry per round),
 `reward_model/` (a checkpoint per round, named by the round), `app/labels.json*` (the app's
-questions and journal of answers). The reward model's resume state (`resume/reward_model`,
+questions and database of answers). The reward model's resume state (`resume/reward_model`,
 saved after every round, named by the round) carries the schedule position: rounds done,
 labels kept, queries drawn, app questions taken; PPO's (`resume/policy`) has a checkpoint at
 every round's update. Rerun with the same command, a stopped or killed run goes on from its
 last finished round and its last PPO checkpoint: a round cut short is done again, except
-that questions already given to people are kept (their answers are in the app's journal)
+that questions already given to people are kept (their answers are in the app's database)
 and not asked again. SIGINT or SIGTERM stop the run after the current PPO update or label
 round, or at once while it waits for people.
 """
@@ -360,7 +360,7 @@ def start_people(hp: HParams, save_dir: Path | None, progress: Progress, padding
     label_server.start()
     stack.callback(label_server.server_close)
     stack.callback(label_server.shutdown)
-    logging.print_main(f"labeling app: open {label_server.url} (answers so far: {queue.paths['journal.jsonl']})")
+    logging.print_main(f"labeling app: open {label_server.url} (answers so far: {queue.paths['sqlite']})")
     return PeopleLabeler(queue, padding_token, progress.taken, label_server.url, report=logging.print_main)
 
 
@@ -368,7 +368,7 @@ def train(hp: HParams) -> tuple[Policy, dict]:
     """An online train_policy run (see the module doc); returns what `train_policy.train` returns,
     with the summaries of the rounds under "online" and the last round's under "reward_model"."""
     if hp.run.save_dir is None and sources.app_port(hp.rewards.train_new_model.labels.source) is not None:
-        raise UserError("labels from people need a save folder (run.save_dir) for the app's questions and journal")
+        raise UserError("labels from people need a save folder (run.save_dir) for the app's questions and answers")
     run = train_policy.start_policy_run(hp)
     save_dir, device = run.save_dir, run.policy.device
     reward_state = resume.load_state(resume.folder(save_dir, save_folders.REWARD_MODEL)) if save_dir else None

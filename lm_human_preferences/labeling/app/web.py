@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from lm_human_preferences.labeling import label_types, mock_labelers
+from lm_human_preferences.labeling import label_types, mock_labelers, sources
 from lm_human_preferences.labeling.app.queue import BadAnswer, Closed, Conflict, LabelQueue
 from lm_human_preferences.utils.errors import UserError
 
@@ -50,7 +50,7 @@ SECURITY_HEADERS = {
 }
 SESSION_COOKIE, TOKEN_COOKIE = "lmhp_session", "lmhp_token"
 MAX_BODY = 64 * 1024
-DEFAULT_PORT = 8000
+DEFAULT_PORT = sources.DEFAULT_APP_PORT
 SHUTDOWN_POLL_S = 0.1  # how soon `shutdown` takes effect (http.server's default is 0.5 s)
 
 INSTRUCTIONS = {  # (best_of_N, scalar_rating) by mock labeler or experiment name
