@@ -36,7 +36,8 @@ class RunHParams(hyperparams.HParams):
     # Memory knob: at most this many sequences per forward pass when sampling, scoring and
     # computing gradients (micro-batches, gradients accumulated). None: whole batches at once.
     # Results are the same, up to float rounding, for any value. 32 (bench/ppo_memory.py, GPT-2
-    # 124M, a PPO update at batch 64 on CPU): peak RSS 5.7 GiB, against 7.0 GiB with 64.
+    # 124M, a PPO update at batch 64 on CPU): peak RSS 5.6 GiB, against 7.0 GiB with 64; 6.15 GiB
+    # with 32 since the bf16 working copy and packed matrices (bench/ppo_memory.py --chunk_sizes 32).
     chunk_size: Optional[int] = 32
     # Speed knobs; neither changes results beyond float rounding (bf16 rounds more).
     # auto: bf16 autocast where it is faster (CUDA GPUs with bf16; CPUs with native bf16, for
