@@ -530,8 +530,9 @@ def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
                   for m in ms]
         if before:
             ax.axhline(statistics.mean(before), color="grey", linestyle=":", label="initial policy")
-        ax.set(xscale="log", xlabel="training labels", ylabel="labeler's score after PPO (KL target 6)", title=e)
+        ax.set(xscale="log", xlabel="training labels", ylabel="labeler's score after PPO", title=e)
         ax.set_xticks(list(LABEL_COUNTS), [str(n) for n in LABEL_COUNTS])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -578,6 +579,10 @@ def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[s
         ax.set(xscale="log", xlabel="final KL from the initial policy (nats)",
                ylabel="gain over the initial policy (its std = 1)",
                title=f"{e}: KL targets {', '.join(t for _, t in sweep_kinds())}")
+        ticks = [t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200) if have and min(x for x, _ in have) / 2 <= t
+                 <= max(x for x, _ in have) * 2]
+        ax.minorticks_off()
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
