@@ -48,12 +48,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lm_human_preferences.evaluation import demo, report  # noqa: E402
+from lm_human_preferences.evaluation import report, verdict  # noqa: E402
 from lm_human_preferences.labeling import mock_labelers  # noqa: E402
 from lm_human_preferences.language import encodings, trained_models  # noqa: E402
 from lm_human_preferences.task import lm_tasks, rewards  # noqa: E402
 from lm_human_preferences.task.policy import Policy  # noqa: E402
+from lm_human_preferences.task.policy import load_policy as load_model_policy  # noqa: E402
 from lm_human_preferences.training import train_policy  # noqa: E402
+from lm_human_preferences.utils import save_folders  # noqa: E402
 
 EXPERIMENTS = ("mock_sentiment", "mock_descriptiveness")
 HORIZON = 640  # episodes: kl_coef can change by up to e^±2 over 6,400 episodes (1 ± 0.2 · 64/640 per update)
@@ -189,7 +191,7 @@ class LabelerReward:
 @torch.no_grad()
 def labeler_moments(labeler: str, task: lm_tasks.TaskHParams, n: int, seed: int) -> tuple[float, float]:
     """Mean and std of the labeler's score of the initial policy's responses to `n` train queries."""
-    policy = demo.initial_policy(task)
+    policy = initial_policy(task)
     queries = next(lm_tasks.query_batches(task, policy.encoding, n, device=policy.device))
     responses = policy.respond(queries, task.response_length, torch.Generator(policy.device).manual_seed(seed))
     postprocessed = lm_tasks.postprocess_responses(task, responses["responses"], policy.encoding.padding_token)
@@ -219,21 +221,29 @@ def ceiling_run(experiment: str, seed: int, keep: Path, kind: str, extra: list[s
     (Path(hp.run.save_dir) / "ceiling.json").write_text(json.dumps(dict(mean=mean, std=std, samples=samples)))
     reward_fn = LabelerReward(cell.labeler, encodings.get(trained_models.load_initial(hp.task.policy.initial_model)[1]),
                               mean, std)
-    train = experiments.train_and_report
-    distributed.run(lambda h: train(lambda hh: train_policy.train(hh, reward_fn), h), (hp,), 1)
+    def run(h: train_policy.HParams) -> None:
+        try:
+            train_policy.train(h, reward_fn)
+        finally:
+            experiments.write_report(h)
+
+    distributed.run(run, (hp,), 1)
 
 
 # -- measuring a finished cell
 
 
 def load_policy(folder: Path, task: lm_tasks.TaskHParams) -> Policy:
-    model, encoding_name = trained_models.load_initial(str(folder))
-    return Policy(model.eval(), encodings.get(encoding_name), task)
+    return load_model_policy(str(folder), task)
+
+
+def initial_policy(task: lm_tasks.TaskHParams) -> Policy:
+    return load_model_policy(task.policy.initial_model, task)
 
 
 def ppo_logs(folder: Path) -> dict[str, list[float]]:
     """Per-update KL and kl_coef of a run, from its TensorBoard logs."""
-    scalars = report.read_scalars(folder / "tb" / "ppo", [], "")
+    scalars = report.read_scalars(folder / save_folders.TENSORBOARD / save_folders.PPO_LOG, [], "")
     out = {}
     for tag, key in (("objective/kl", "kl_history"), ("objective/kl_coef", "kl_coef_history"),
                      ("objective/score", "score_history")):
@@ -246,10 +256,10 @@ def ppo_logs(folder: Path) -> dict[str, list[float]]:
 def measure_folder(cell: Cell, keep: Path) -> dict:
     """The final policy judged on the demo's verdict queries and sampling seed (see the module doc)."""
     folder = keep / cell.name
-    hp = train_policy.HParams.from_json((folder / train_policy.HPARAMS_FILE).read_text())
+    hp = train_policy.HParams.from_json((folder / save_folders.POLICY_HPARAMS).read_text())
     task = hp.task
-    policy, ref = load_policy(folder / train_policy.PHASE, task), demo.initial_policy(task)
-    queries = next(lm_tasks.query_batches(task, policy.encoding, demo.VERDICT_QUERIES, mode="test"))
+    policy, ref = load_policy(folder / save_folders.POLICY, task), initial_policy(task)
+    queries = next(lm_tasks.query_batches(task, policy.encoding, verdict.VERDICT_QUERIES, mode="test"))
     out: dict = {"cell": cell.name, "wall_time": float((folder / DONE_FILE).read_text())}
     sampled = {}
     for name, p in (("before", ref), ("after", policy)):
@@ -273,7 +283,7 @@ def measure_folder(cell: Cell, keep: Path) -> dict:
     out["repeated_words"] = statistics.mean(1 - len(set(mock_labelers.words(t))) / max(1, len(mock_labelers.words(t)))
                                             for t in texts["after"])
     models = {key: f for key, f in (("proxy", keep / cell.sweep_model().name), ("own", folder))
-              if (f / "reward_model").exists()}
+              if (f / save_folders.REWARD_MODEL).exists()}
     for key, model_folder in models.items():
         reward_model = rewards.load_trained(str(model_folder)).eval()
         for name in ("before", "after"):
@@ -316,20 +326,20 @@ def reward_strength(cell: Cell, keep: Path) -> list[dict]:
     it trains against from then on (`after`; offline both are the one reward model). PPO's
     advantages are whitened, so what weighs against kl_coef · KL is this spread."""
     folder = keep / cell.name
-    hp = train_policy.HParams.from_json((folder / train_policy.HPARAMS_FILE).read_text())
-    task, ref = hp.task, demo.initial_policy(hp.task)
-    queries = next(lm_tasks.query_batches(task, ref.encoding, demo.VERDICT_QUERIES, mode="test"))
-    policies, models = checkpoint_names(folder / train_policy.PHASE), checkpoint_names(folder / "reward_model")
+    hp = train_policy.HParams.from_json((folder / save_folders.POLICY_HPARAMS).read_text())
+    task, ref = hp.task, initial_policy(hp.task)
+    queries = next(lm_tasks.query_batches(task, ref.encoding, verdict.VERDICT_QUERIES, mode="test"))
+    policies, models = checkpoint_names(folder / save_folders.POLICY), checkpoint_names(folder / save_folders.REWARD_MODEL)
     rounds = json.loads((folder / "online_summary.json").read_text()) if (folder / "online_summary.json").exists() else []
     reward_model = rewards.load_trained(str(folder)).eval()
-    policy = load_policy(folder / train_policy.PHASE, task)
+    policy = load_policy(folder / save_folders.POLICY, task)
 
     def scores(update: int, model_step: int | None) -> tuple[float, float]:
         if model_step is not None:
-            reward_model.load_tensors(trained_models.load_file(folder / "reward_model", models[model_step]).tensors)
+            reward_model.load_tensors(trained_models.load_file(folder / save_folders.REWARD_MODEL, models[model_step]).tensors)
         p = ref
         if update > 0:
-            trained_models.load_into(policy.model, trained_models.load_file(folder / train_policy.PHASE,
+            trained_models.load_into(policy.model, trained_models.load_file(folder / save_folders.POLICY,
                                                                             policies[update]).tensors, "the policy")
             p = policy
         rollouts = p.respond(queries, task.response_length, torch.Generator(p.device).manual_seed(cell.seed))
@@ -461,7 +471,7 @@ def seeds_done(results: Results, experiment: str, kind: str) -> list[int]:
 
 
 def kl_target(keep: Path, cell: Cell) -> float:
-    hp = json.loads((keep / cell.name / train_policy.HPARAMS_FILE).read_text())
+    hp = json.loads((keep / cell.name / save_folders.POLICY_HPARAMS).read_text())
     return hp["rewards"]["adaptive_kl"]["target"]
 
 
@@ -550,7 +560,7 @@ def labeler_scales(keep: Path, experiments: list[str]) -> dict[str, float]:
         labeler = e.removeprefix("mock_")
         for name in (labeler, f"{labeler}_distinct"):
             if name not in scales:
-                scales[name] = labeler_moments(name, named.get("train_policy", e).task, demo.VERDICT_QUERIES, 0)[1]
+                scales[name] = labeler_moments(name, named.get("train_policy", e).task, verdict.VERDICT_QUERIES, 0)[1]
     path.write_text(json.dumps(scales, indent=1))
     return scales
 
