@@ -35,13 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lm_human_preferences.training import train_policy  # noqa: E402
-from lm_human_preferences.utils import save_folders  # noqa: E402
-from lm_human_preferences.task import rewards
-from lm_human_preferences.training import online
 from lm_human_preferences.labeling import collect, label_types  # noqa: E402
-from lm_human_preferences.language import encodings, trained_models  # noqa: E402
-from lm_human_preferences.task.policy import Policy  # noqa: E402
+from lm_human_preferences.task import rewards  # noqa: E402
+from lm_human_preferences.training import online, train_policy  # noqa: E402
+from lm_human_preferences.utils import save_folders  # noqa: E402
+from lm_human_preferences.task.policy import load_policy  # noqa: E402
 
 MODES = {"offline": [], "online": ["--rewards.online", "on"],
          "online-initial": ["--rewards.online", "on", "--rewards.online.normalize_on", "initial"]}
@@ -70,8 +68,7 @@ def run_once(experiment: str, mode: str, seed: int, save_root: Path, flags: list
 def final_policy_accuracy(run_dir: Path, labeler: str, n_labels: int, seed: int) -> float:
     """The final reward model's best-of-4 accuracy on mock labels of the final policy's samples."""
     hp = train_policy.HParams.from_json((run_dir / save_folders.POLICY_HPARAMS).read_text())
-    model, encoding_name = trained_models.load_initial(str(run_dir / save_folders.POLICY))
-    policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
+    policy = load_policy(str(run_dir / save_folders.POLICY), hp.task)
     reward_model = rewards.load_trained(str(run_dir)).eval()
     label_type = label_types.get(hp.rewards.train_new_model.labels.type)
     records = collect.collect(policy, hp.task, collect.MockLabeler(labeler, 0.0, seed), n_labels, seed=seed,

@@ -26,7 +26,6 @@ Measured in the same run, alternated after a warm-up round (medians of --repeats
 
 import argparse
 import dataclasses
-import time
 
 import torch
 import torch.nn.functional as F

@@ -5,9 +5,8 @@ from pathlib import Path
 
 from lm_human_preferences import experiments
 from lm_human_preferences.cli import options, pairs, serve
-from lm_human_preferences.labeling import collect, label_files, mock_labelers
-from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.labeling import collect, label_files, mock_labelers, sources
+from lm_human_preferences.task.policy import load_policy
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 
@@ -53,7 +52,7 @@ def label_command(args: list[str]) -> None:
     out = Path(flags.pop("out"))
     n = options.pop_int(flags, "n", 1000, minimum=1)
     seed = options.pop_int(flags, "seed", 0)
-    source = hp.labels.source if hp.labels.source.startswith(mock_labelers.MOCK_PREFIX) else None
+    source = hp.labels.source if sources.is_mock(hp.labels.source) else None
     labeler = flags.pop("labeler", None) or (mock_labelers.parse_source(source)[0] if source else None)
     if labeler is None:
         raise UserError(f"experiment {args[0]!r} has no mock labeler; choose one with --labeler")
@@ -68,8 +67,7 @@ def label_command(args: list[str]) -> None:
         hp.task.policy.initial_model = policy_name
         hp.task.validate("task.")
     device = distributed.device()
-    model, encoding_name = trained_models.load_initial(policy_name, device=device)
-    policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
+    policy = load_policy(policy_name, hp.task, device)
     records = collect.collect(policy, hp.task, collect.MockLabeler(labeler, noise, seed), n, seed=seed,
                               chunk_size=hp.run.chunk_size)
     label_files.write(records, out)

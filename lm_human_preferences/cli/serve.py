@@ -15,8 +15,7 @@ from lm_human_preferences.cli import options
 from lm_human_preferences.labeling import label_types
 from lm_human_preferences.labeling.app import questions, web
 from lm_human_preferences.labeling.app.queue import LabelQueue
-from lm_human_preferences.language import encodings, trained_models
-from lm_human_preferences.task.policy import Policy
+from lm_human_preferences.task.policy import load_policy
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 
@@ -102,8 +101,7 @@ def _fill(queue: LabelQueue, hp, given: str | None, policy_name: str | None, n: 
     else:
         policy_name = policy_name or hp.task.policy.initial_model
         print(f"sampling {n} queries × {n_responses} responses from {policy_name} …", flush=True)
-        model, encoding_name = trained_models.load_initial(policy_name, device=distributed.device())
-        policy = Policy(model.eval(), encodings.get(encoding_name), hp.task)
+        policy = load_policy(policy_name, hp.task, distributed.device())
         items = questions.prepare(policy, hp.task, n, n_responses, seed, hp.run.chunk_size)
     queue.add(items)
 

@@ -74,7 +74,7 @@ class Page:
 
 def instructions(experiment: str, labels_source: str, label_type: label_types.LabelType) -> str:
     """The task for labelers, from the experiment's mock labeler or its name, else a generic one."""
-    name = mock_labelers.parse_source(labels_source)[0] if labels_source.startswith(mock_labelers.MOCK_PREFIX) \
+    name = mock_labelers.parse_source(labels_source)[0] if sources.is_mock(labels_source) \
         else experiment
     pick, rate = INSTRUCTIONS.get(name, GENERIC_INSTRUCTIONS)
     return rate if isinstance(label_type, label_types.ScalarRating) else pick
