@@ -22,8 +22,9 @@ kl_coef move only by a factor 0.88–1.14 in a 6,400-episode run; see the README
    model's (proxy) score of the final policy, and the score of a saturating labeler (each
    distinct word counts once: `<labeler>_distinct`).
 3. Online against offline: the 2,048-label offline run, online (`current`) and online
-   (`normalize_on initial`) at the same target and horizon; and online (`initial`) at the
-   experiments' horizon of 10,000 episodes, which overshoots.
+   (`normalize_on initial`) at the same target and horizon, each as shipped and with
+   `rewards.online.rescale_kl_coef on` (a round rescales kl_coef by the reward's change of scale:
+   online (`initial`) as shipped overshoots its target; see training/online.py).
 
 Every finished cell is measured once (DIR/<cell>/findings.json) on the demo's 256 test
 queries with the demo's sampling seed: the labeler's score and win rate (as the demo's
@@ -59,7 +60,6 @@ from lm_human_preferences.utils import save_folders  # noqa: E402
 
 EXPERIMENTS = ("mock_sentiment", "mock_descriptiveness")
 HORIZON = 640  # episodes: kl_coef can change by up to e^±2 over 6,400 episodes (1 ± 0.2 · 64/640 per update)
-DEFAULT_HORIZON = 10000  # the experiments' (the paper's) horizon
 TARGET = 6.0  # the demo's KL target: label scaling and online cells
 LABEL_COUNTS = (256, 512, 1024, 2048, 4096)
 SWEEP_LABELS = 2048  # the reward model of the KL sweep, and the offline run of the online comparison
@@ -72,7 +72,7 @@ DOCS = ROOT / "docs"
 class Cell:
     experiment: str
     seed: int
-    kind: str  # labels-N, ceiling[-matched], kl-T, kl-off, online-{current,initial}[-matched], online-initial-h10000
+    kind: str  # labels-N, ceiling, kl-T, kl-off, online-{current,initial}[-rescaled]
 
     @property
     def name(self) -> str:
@@ -92,9 +92,8 @@ class Cell:
 
 # One seed's cells, most informative first (the experiments interleaved).
 KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "online-current", "labels-256", "kl-off",
-         "online-initial-matched", "ceiling-matched", "online-current-matched", "kl-1.5", "labels-4096", "kl-24.0",
-         "online-initial-h10000", "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
-MATCH_SEED = 0  # the seed whose runs set the matched online cells' KL targets
+         "online-initial-rescaled", "online-current-rescaled", "kl-1.5", "labels-4096", "kl-24.0",
+         "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
 
 
 def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] = KINDS) -> list[Cell]:
@@ -102,23 +101,11 @@ def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] 
     return [Cell(e, seed, k) for seed in seeds for k in KINDS if k in kinds for e in experiments]
 
 
-def matched_target(cell: Cell, keep: Path) -> float | None:
-    """The KL target that should land an online mode at the offline run's final KL: TARGET times
-    the offline run's final KL over the mode's final KL at TARGET, both of seed MATCH_SEED (the
-    final KL taken as proportional to the target); None until those runs have finished."""
-    mode = cell.kind.removesuffix("-matched")
-    found = [measure(Cell(cell.experiment, MATCH_SEED, kind), keep) for kind in (f"labels-{SWEEP_LABELS}", mode)]
-    if None in found:
-        return None
-    return round(TARGET * found[0]["kl"] / found[1]["kl"], 2)
-
-
 def launch_flags(cell: Cell, keep: Path) -> list[str]:
     """The launch.py flags of a cell (all but the ceiling), before the bench's --flags."""
     flags = ["--save_dir", str(keep), "--run.seed", str(cell.seed)]
     horizon = ["--rewards.adaptive_kl.horizon", str(HORIZON)]
-    target = ["--rewards.adaptive_kl.target", str(matched_target(cell, keep) if cell.kind.endswith("-matched")
-                                                  else TARGET)]
+    target = ["--rewards.adaptive_kl.target", str(TARGET)]
     kind = cell.kind
     if kind.startswith("labels-"):
         return flags + target + horizon + ["--rewards.train_new_model.labels.num_train", kind.removeprefix("labels-")]
@@ -131,7 +118,9 @@ def launch_flags(cell: Cell, keep: Path) -> list[str]:
         online = ["--rewards.online", "on"]
         if kind.startswith("online-initial"):
             online += ["--rewards.online.normalize_on", "initial"]
-        return flags + target + ([] if kind.endswith("-h10000") else horizon) + online
+        if kind.endswith("-rescaled"):
+            online += ["--rewards.online.rescale_kl_coef", "on"]
+        return flags + target + horizon + online
     raise ValueError(f"unknown cell kind {kind}")
 
 
@@ -152,9 +141,6 @@ def run_cell(cell: Cell, keep: Path, extra: list[str]) -> float | None:
     folder = keep / cell.name
     if cell.kind.startswith("kl-") and not (keep / cell.sweep_model().name / DONE_FILE).exists():
         print(f"{cell.name}: skipped, its reward model ({cell.sweep_model().name}) has not finished", flush=True)
-        return None
-    if cell.kind.endswith("-matched") and matched_target(cell, keep) is None:
-        print(f"{cell.name}: skipped, the seed-{MATCH_SEED} runs that set its KL target have not finished", flush=True)
         return None
     started = time.time()
     with open(keep / f"{cell.name}.log", "a") as log:
@@ -206,10 +192,9 @@ def ceiling_run(experiment: str, seed: int, keep: Path, kind: str, extra: list[s
     from lm_human_preferences.utils import distributed
 
     cell = Cell(experiment, seed, kind)
-    target = matched_target(cell, keep) if kind.endswith("-matched") else TARGET
     # Validation wants one reward source; the labeler is named there for the record (never loaded:
     # train() is given the reward function).
-    flags = {"save_dir": str(keep), "run.seed": str(seed), "rewards.adaptive_kl.target": str(target),
+    flags = {"save_dir": str(keep), "run.seed": str(seed), "rewards.adaptive_kl.target": str(TARGET),
              "rewards.adaptive_kl.horizon": str(HORIZON), "rewards.train_new_model": "off",
              "rewards.trained_model": f"mock:{cell.labeler} (the labeler's own score)",
              **options.parse(extra, booleans=set())}
@@ -432,8 +417,7 @@ def label_table(results: Results, experiments: Iterable[str], keep: Path) -> str
               "final KL", "wall s"]
     rows = []
     for e in experiments:
-        for kind, title in [(f"labels-{n}", f"{n} labels") for n in LABEL_COUNTS] + [
-                ("ceiling", "labeler itself"), ("ceiling-matched", "labeler itself, matched target")]:
+        for kind, title in [(f"labels-{n}", f"{n} labels") for n in LABEL_COUNTS] + [("ceiling", "labeler itself")]:
             ms = of(results, e, kind)
             rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, keep, e, kind), spread([m["score"] for m in ms]),
                          spread([m["win_rate"] for m in ms], 3), spread([m.get("heldout_accuracy") for m in ms], 3),
@@ -460,10 +444,9 @@ def kl_table(results: Results, experiments: Iterable[str]) -> str:
 
 
 ONLINE_KINDS = [(f"labels-{SWEEP_LABELS}", "offline"), ("online-current", "online (`current`)"),
-                ("online-current-matched", "online (`current`), matched target"),
+                ("online-current-rescaled", "online (`current`), kl_coef rescaled"),
                 ("online-initial", "online (`initial`)"),
-                ("online-initial-matched", "online (`initial`), matched target"),
-                ("online-initial-h10000", f"online (`initial`), horizon {DEFAULT_HORIZON}")]
+                ("online-initial-rescaled", "online (`initial`), kl_coef rescaled")]
 
 
 def seeds_done(results: Results, experiment: str, kind: str) -> list[int]:
@@ -529,13 +512,11 @@ def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
         kls = [m["kl"] for n in LABEL_COUNTS for m in of(results, e, f"labels-{n}")]
         band(ax, list(LABEL_COUNTS), groups, "reward model from N labels" + (
             f" (final KL {min(kls):.1f}–{max(kls):.1f})" if kls else ""), "C0")
-        for kind, style, color in (("ceiling", "-", "C3"), ("ceiling-matched", "--", "C4")):
-            ms = of(results, e, kind)
-            if ms:
-                scores, kl = [m["score"] for m in ms], statistics.mean(m["kl"] for m in ms)
-                title = "PPO on the labeler's score" + (", matched target" if kind.endswith("matched") else "")
-                ax.axhline(statistics.mean(scores), color=color, linestyle=style, label=f"{title} (final KL {kl:.1f})")
-                ax.axhspan(min(scores), max(scores), color=color, alpha=0.15)
+        ms = of(results, e, "ceiling")
+        if ms:
+            scores, kl = [m["score"] for m in ms], statistics.mean(m["kl"] for m in ms)
+            ax.axhline(statistics.mean(scores), color="C3", label=f"PPO on the labeler's score (final KL {kl:.1f})")
+            ax.axhspan(min(scores), max(scores), color="C3", alpha=0.15)
         before = [m["score_before"] for ms in ([m for m in of(results, e, f"labels-{n}")] for n in LABEL_COUNTS)
                   for m in ms]
         if before:

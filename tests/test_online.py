@@ -19,9 +19,11 @@ from safetensors.torch import load_file
 
 from lm_human_preferences import experiments
 from lm_human_preferences.cli import main as cli
+from lm_human_preferences.evaluation import report
 from lm_human_preferences.training import online
 from lm_human_preferences.labeling import collect, mock_labelers, sources
 from lm_human_preferences.language import encodings, trained_models
+from lm_human_preferences.task import rewards
 from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import save_folders
 from lm_human_preferences.utils.errors import UserError
@@ -34,6 +36,8 @@ SHORT = ["--rewards.online", "on", "--rewards.train_new_model.labels.num_train",
          "--rewards.train_new_model.batch_size", "16", "--rewards.train_new_model.normalize_samples", "32",
          "--rewards.train_new_model.rollout_batch_size", "32", "--ppo.batch_size", "16", "--ppo.total_episodes", "96",
          "--ppo.lr", "5e-4", "--rewards.online.interval", "32", "--run.log_interval", "100", "--run.seed", str(SEED)]
+# The module's straight and killed runs rescale kl_coef at every round (a resume must restore it).
+RESCALED = ["--rewards.online.rescale_kl_coef", "on"]
 
 
 def launch(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
@@ -48,7 +52,7 @@ def launch(args: list[str], fault: str | None = None) -> subprocess.CompletedPro
 def straight(tmp_path_factory) -> Path:
     """One online run of the shortened mock_descriptiveness, start to end."""
     root = tmp_path_factory.mktemp("online")
-    done = launch(["train_policy", "mock_descriptiveness", "straight", "--save_dir", str(root), *SHORT])
+    done = launch(["train_policy", "mock_descriptiveness", "straight", "--save_dir", str(root), *SHORT, *RESCALED])
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "straight"
 
@@ -141,12 +145,12 @@ def test_rounds_label_the_current_policy_and_retrain_the_reward_model(straight):
 
 def test_a_killed_run_resumes_exactly(straight):
     root = straight.parent
-    killed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT],
+    killed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT, *RESCALED],
                     fault="kill:3:policy")
     assert killed.returncode != 0
     state = json.loads((root / "killed" / "resume" / "reward_model" / "state-0000001.json").read_text())
     assert state["meta"]["extra"]["online"]["train"] == 80  # rounds 0 and 1 were done
-    resumed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT])
+    resumed = launch(["train_policy", "mock_descriptiveness", "killed", "--save_dir", str(root), *SHORT, *RESCALED])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "online: 2 label rounds done, PPO at update 2 of 6" in resumed.stdout
     for name in (save_folders.LABELS, save_folders.HELDOUT_LABELS):
@@ -156,6 +160,44 @@ def test_a_killed_run_resumes_exactly(straight):
                  for d in (straight, root / "killed")]
         assert final[0].keys() == final[1].keys()
         assert all(torch.equal(final[0][k], final[1][k]) for k in final[0]), scope
+    # PPO's state was saved before round 1 rescaled kl_coef: the resumed run took it from the round
+    coefs = [report.read_scalars(d / save_folders.TENSORBOARD / save_folders.PPO_LOG, [], "")["objective/kl_coef"]
+             for d in (straight, root / "killed")]
+    assert coefs[0] == coefs[1] and len(coefs[0]) == 6
+
+
+def test_rounds_rescale_kl_coef_by_the_reward_models_change_of_spread(straight):
+    """`rescale_kl_coef`: a round multiplies kl_coef by the new reward model's std over the old
+    one's, both on every response of the round's new labels (recomputed here from the saved
+    reward models and labels); PPO's next update uses the rescaled coefficient."""
+    rounds = json.loads((straight / save_folders.ONLINE_SUMMARY).read_text())
+    train = json.loads((straight / save_folders.LABELS).read_text())
+    heldout = json.loads((straight / save_folders.HELDOUT_LABELS).read_text())
+    scalars = report.read_scalars(straight / save_folders.TENSORBOARD / save_folders.PPO_LOG, [], "")
+    coef, kl = scalars["objective/kl_coef"], scalars["objective/kl"]
+    reward_model = rewards.load_trained(str(straight)).eval()
+    target, horizon, batch = 6.0, 10000, 16  # mock_descriptiveness's controller, SHORT's PPO batch
+
+    @torch.no_grad()
+    def spread(checkpoint: str, records: list[dict]) -> float:
+        reward_model.load_tensors(trained_models.load_file(straight / "reward_model", checkpoint).tensors)
+        queries = torch.tensor([r["query"] for r in records for _ in range(4)])
+        responses = torch.tensor([r[f"sample{k}"] for r in records for k in range(4)])
+        return reward_model(queries, responses).std(unbiased=False).item()
+
+    assert "reward_scale" not in rounds[0] and rounds[0]["kl_coef"] == pytest.approx(0.15)
+    heldout_start = rounds[0]["heldout_labels"]
+    for previous, summary in zip(rounds, rounds[1:]):
+        records = train[previous["labels"]:summary["labels"]] + heldout[heldout_start:summary["heldout_labels"]]
+        heldout_start = summary["heldout_labels"]
+        scale = (spread(trained_models.checkpoint_name(summary["round"]), records)
+                 / spread(trained_models.checkpoint_name(previous["round"]), records))
+        assert summary["reward_scale"] == pytest.approx(scale, rel=1e-4)
+        assert abs(scale - 1) > 0.01  # a change the test can see
+        u = summary["update"]
+        before = coef[u - 1] * (1 + min(max(kl[u - 1] / target - 1, -0.2), 0.2) * batch / horizon)
+        assert summary["kl_coef"] == pytest.approx(before * scale, rel=1e-5)
+        assert coef[u] == pytest.approx(summary["kl_coef"], rel=1e-6)
 
 
 # -- people, through the labeling app

@@ -35,7 +35,7 @@ def test_the_grid_runs_seed_by_seed_and_each_sweep_after_its_reward_model(bench)
 
 
 @pytest.mark.parametrize("kind", ["labels-256", "kl-1.5", "kl-off", "online-current", "online-initial",
-                                  "online-initial-h10000"])
+                                  "online-initial-rescaled", "online-current-rescaled"])
 def test_every_cell_resolves_to_valid_hparams(bench, kind, tmp_path):
     cell = bench.Cell("mock_descriptiveness", 2, kind)
     hp = launch.resolve("train_policy", cell.experiment, cell.name, options.parse(bench.launch_flags(cell, tmp_path),
@@ -44,14 +44,16 @@ def test_every_cell_resolves_to_valid_hparams(bench, kind, tmp_path):
     if kind == "kl-off":
         assert hp.rewards.adaptive_kl is None and hp.rewards.kl_coef == 0
     else:
-        assert hp.rewards.adaptive_kl.horizon == (bench.DEFAULT_HORIZON if kind.endswith("h10000") else bench.HORIZON)
+        assert hp.rewards.adaptive_kl.horizon == bench.HORIZON
     if kind.startswith("kl-"):
         assert hp.rewards.train_new_model is None
         assert hp.rewards.trained_model == str(tmp_path / cell.sweep_model().name)
     if kind == "kl-1.5":
         assert hp.rewards.adaptive_kl.target == 1.5
     if kind.startswith("online"):
-        assert hp.rewards.online.normalize_on == ("current" if kind == "online-current" else "initial")
+        assert hp.rewards.online.normalize_on == kind.split("-")[1]
+        assert hp.rewards.online.rescale_kl_coef == kind.endswith("-rescaled")
+        assert hp.rewards.adaptive_kl.target == bench.TARGET
     if kind == "labels-256":
         assert hp.rewards.train_new_model.labels.num_train == 256 and hp.rewards.adaptive_kl.target == bench.TARGET
 
@@ -102,23 +104,7 @@ def test_the_ceiling_rewards_the_labelers_score_normalized(bench):
 
 
 def test_a_ceiling_cell_runs_this_script_with_its_kind_and_the_extra_flags(bench, tmp_path):
-    cell = bench.Cell("mock_sentiment", 0, "ceiling-matched")
+    cell = bench.Cell("mock_sentiment", 0, "ceiling")
     command = bench.command(cell, tmp_path, ["--ppo.lr", "1e-5"])
-    assert command[command.index("--ceiling-run") + 1:] == ["mock_sentiment", "0", str(tmp_path), "ceiling-matched",
+    assert command[command.index("--ceiling-run") + 1:] == ["mock_sentiment", "0", str(tmp_path), "ceiling",
                                                             "--flags", "--ppo.lr", "1e-5"]
-
-
-def test_a_matched_online_cell_scales_the_target_by_the_match_seeds_kl_ratio(bench, tmp_path):
-    cell = bench.Cell("mock_sentiment", 1, "online-initial-matched")
-    assert bench.matched_target(cell, tmp_path) is None  # its seed-0 runs have not finished
-    assert bench.run_cell(cell, tmp_path, []) is None
-    for kind, kl in ((f"labels-{bench.SWEEP_LABELS}", 5.0), ("online-initial", 7.5)):
-        folder = tmp_path / bench.Cell("mock_sentiment", bench.MATCH_SEED, kind).name
-        folder.mkdir()
-        (folder / bench.DONE_FILE).write_text("1")
-        (folder / bench.MEASURED_FILE).write_text(json.dumps({"kl": kl}))
-    assert bench.matched_target(cell, tmp_path) == bench.TARGET * 5.0 / 7.5
-    hp = launch.resolve("train_policy", cell.experiment, cell.name,
-                        options.parse(bench.launch_flags(cell, tmp_path), set()))
-    assert hp.rewards.adaptive_kl.target == bench.TARGET * 5.0 / 7.5
-    assert hp.rewards.online.normalize_on == "initial" and hp.run.seed == 1

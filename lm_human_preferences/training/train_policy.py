@@ -39,6 +39,10 @@ class OnlineHParams(hyperparams.HParams):
     all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
     lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
     normalize_on: str = "current"  # whose samples later rounds renormalize on: the current or the initial policy's
+    # Later rounds multiply kl_coef by the new reward model's spread over the old one's on the
+    # round's samples (the current policy's), so that the KL penalty keeps its weight against a
+    # reward whose scale changed (online.py: why `normalize_on initial` overshoots its KL target).
+    rescale_kl_coef: bool = False
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
