@@ -20,7 +20,9 @@ kl_coef move only by a factor 0.88–1.14 in a 6,400-episode run; see the README
 2. KL trade-off: the 2,048-label reward model of the same seed, PPO at KL targets 1.5 ... 24
    and with the KL penalty off (kl_coef 0). The labeler's (true) score against the reward
    model's (proxy) score of the final policy, and the score of a saturating labeler (each
-   distinct word counts once: `<labeler>_distinct`).
+   distinct word counts once: `<labeler>_distinct`). Then the same with a reward model from
+   2,048 labels of that saturating labeler ("distinct-" cells: the true score is the saturating
+   one), at KL targets 1.5, 6, 24 and the penalty off.
 3. Online against offline: the 2,048-label offline run, online (`current`) and online
    (`normalize_on initial`) at the same target and horizon, each as shipped and with
    `rewards.online.rescale_kl_coef on` (a round rescales kl_coef by the reward's change of scale:
@@ -64,6 +66,8 @@ TARGET = 6.0  # the demo's KL target: label scaling and online cells
 LABEL_COUNTS = (256, 512, 1024, 2048, 4096)
 SWEEP_LABELS = 2048  # the reward model of the KL sweep, and the offline run of the online comparison
 KL_TARGETS = (1.5, 3.0, 12.0, 24.0)  # and TARGET (the 2,048-label cell) and the penalty off
+DISTINCT = "distinct-"  # the kinds whose labels come from the saturating labeler
+DISTINCT_KL_TARGETS = (1.5, 24.0)  # their sweep: these, TARGET and the penalty off
 DONE_FILE, FAILED_FILE, MEASURED_FILE = "wall_time", "failed", "findings.json"
 DOCS = ROOT / "docs"
 
@@ -72,7 +76,7 @@ DOCS = ROOT / "docs"
 class Cell:
     experiment: str
     seed: int
-    kind: str  # labels-N, ceiling, kl-T, kl-off, online-{current,initial}[-rescaled]
+    kind: str  # labels-N, ceiling, kl-T, kl-off, online-{current,initial}[-rescaled], distinct-{labels-N,kl-T,kl-off}
 
     @property
     def name(self) -> str:
@@ -82,9 +86,14 @@ class Cell:
     def labeler(self) -> str:
         return self.experiment.removeprefix("mock_")
 
+    @property
+    def distinct(self) -> bool:
+        """Whether the cell's reward model learns from the saturating labeler (`<labeler>_distinct`)."""
+        return self.kind.startswith(DISTINCT)
+
     def sweep_model(self) -> "Cell":
         """The cell whose reward model the KL sweep uses (and whose run is the offline run)."""
-        return Cell(self.experiment, self.seed, f"labels-{SWEEP_LABELS}")
+        return Cell(self.experiment, self.seed, f"{DISTINCT if self.distinct else ''}labels-{SWEEP_LABELS}")
 
 
 # -- the grid
@@ -93,7 +102,8 @@ class Cell:
 # One seed's cells, most informative first (the experiments interleaved).
 KINDS = (f"labels-{SWEEP_LABELS}", "online-initial", "ceiling", "online-current", "labels-256", "kl-off",
          "online-initial-rescaled", "online-current-rescaled", "kl-1.5", "labels-4096", "kl-24.0",
-         "labels-512", "labels-1024", "kl-3.0", "kl-12.0")
+         "labels-512", "labels-1024", "kl-3.0", "kl-12.0",
+         f"{DISTINCT}labels-{SWEEP_LABELS}", f"{DISTINCT}kl-off", f"{DISTINCT}kl-24.0", f"{DISTINCT}kl-1.5")
 
 
 def grid(seeds: Iterable[int], experiments: Iterable[str], kinds: Iterable[str] = KINDS) -> list[Cell]:
@@ -106,9 +116,11 @@ def launch_flags(cell: Cell, keep: Path) -> list[str]:
     flags = ["--save_dir", str(keep), "--run.seed", str(cell.seed)]
     horizon = ["--rewards.adaptive_kl.horizon", str(HORIZON)]
     target = ["--rewards.adaptive_kl.target", str(TARGET)]
-    kind = cell.kind
+    kind = cell.kind.removeprefix(DISTINCT)
     if kind.startswith("labels-"):
-        return flags + target + horizon + ["--rewards.train_new_model.labels.num_train", kind.removeprefix("labels-")]
+        source = ["--rewards.train_new_model.labels.source", f"mock:{cell.labeler}_distinct"] if cell.distinct else []
+        return flags + target + horizon + source + ["--rewards.train_new_model.labels.num_train",
+                                                    kind.removeprefix("labels-")]
     if kind.startswith("kl-"):
         model = ["--rewards.train_new_model", "off", "--rewards.trained_model", str(keep / cell.sweep_model().name)]
         if kind == "kl-off":
@@ -139,7 +151,7 @@ def one_thread_env() -> dict[str, str]:
 def run_cell(cell: Cell, keep: Path, extra: list[str]) -> float | None:
     """Run a cell in a fresh process (its output in DIR/<cell>.log); its wall time, or None if it failed."""
     folder = keep / cell.name
-    if cell.kind.startswith("kl-") and not (keep / cell.sweep_model().name / DONE_FILE).exists():
+    if cell.kind.removeprefix(DISTINCT).startswith("kl-") and not (keep / cell.sweep_model().name / DONE_FILE).exists():
         print(f"{cell.name}: skipped, its reward model ({cell.sweep_model().name}) has not finished", flush=True)
         return None
     started = time.time()
@@ -425,21 +437,30 @@ def label_table(results: Results, experiments: Iterable[str], keep: Path) -> str
     return markdown(header, rows)
 
 
-def sweep_kinds() -> list[tuple[str, str]]:
-    targets = sorted((*KL_TARGETS, TARGET))
-    return [("labels-2048" if t == TARGET else f"kl-{t}", f"{t:g}") for t in targets] + [("kl-off", "off")]
+def sweep_kinds(distinct: bool = False) -> list[tuple[str, str]]:
+    """(kind, KL target) of the KL sweep on the counting labeler's reward model, or on the saturating one's."""
+    prefix = DISTINCT if distinct else ""
+    targets = sorted((*(DISTINCT_KL_TARGETS if distinct else KL_TARGETS), TARGET))
+    return [(f"{prefix}labels-{SWEEP_LABELS}" if t == TARGET else f"{prefix}kl-{t}", f"{t:g}") for t in targets] + [
+        (f"{prefix}kl-off", "off")]
 
 
-def kl_table(results: Results, experiments: Iterable[str]) -> str:
-    header = ["experiment", "KL target", "seeds", "final KL", "labeler's score (true)", "reward model's score (proxy)",
-              "distinct-word score", "repeated words", "win rate"]
+def kl_table(results: Results, experiments: Iterable[str], distinct: bool = False) -> str:
+    """The sweep's rows; with `distinct`, the sweep on the saturating labeler's reward model, whose
+    true score is the distinct-word score."""
+    scores = ["distinct-word score (true)", "counting labeler's score"] if distinct else [
+        "labeler's score (true)", "distinct-word score"]
+    header = ["experiment", "KL target", "seeds", "final KL", scores[0], "reward model's score (proxy)", scores[1],
+              "repeated words", "win rate (true score)"]
+    true, other = ("score_distinct", "score") if distinct else ("score", "score_distinct")
+    suffix = "_distinct" if distinct else ""
     rows = []
     for e in experiments:
-        for kind, title in sweep_kinds():
+        for kind, title in sweep_kinds(distinct):
             ms = of(results, e, kind)
-            rows.append([f"`{e}`", title, str(len(ms)), spread([m["kl"] for m in ms]), spread([m["score"] for m in ms]),
-                         spread([m.get("proxy_rm_after") for m in ms]), spread([m["score_distinct"] for m in ms]),
-                         spread([m["repeated_words"] for m in ms]), spread([m["win_rate"] for m in ms], 3)])
+            rows.append([f"`{e}`", title, str(len(ms)), spread([m["kl"] for m in ms]), spread([m[true] for m in ms]),
+                         spread([m.get("proxy_rm_after") for m in ms]), spread([m[other] for m in ms]),
+                         spread([m["repeated_words"] for m in ms]), spread([m["win_rate" + suffix] for m in ms], 3)])
     return markdown(header, rows)
 
 
@@ -548,19 +569,24 @@ def labeler_scales(keep: Path, experiments: list[str]) -> dict[str, float]:
 
 def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[str, float]) -> None:
     """Gains over the initial policy in units of the initial policy's spread, so that the labeler's
-    score and the reward model's (normalized to std 1 there) share an axis."""
-    plt, fig, axes = figure(len(experiments))
-    for ax, e in zip(axes, experiments):
+    score and the reward model's (normalized to std 1 there) share an axis. A second row of panels
+    for the sweep on the saturating labeler's reward model, once any of it has finished."""
+    distinct_rows = [True] if any(c.distinct for c in results) else []
+    plt, fig, axes = figure(len(experiments) * (1 + len(distinct_rows)), rows=1 + len(distinct_rows))
+    panels = [(e, distinct) for distinct in [False, *distinct_rows] for e in experiments]
+    for ax, (e, distinct) in zip(axes, panels):
         labeler = e.removeprefix("mock_")
-        per = [of(results, e, kind) for kind, _ in sweep_kinds()]
+        per = [of(results, e, kind) for kind, _ in sweep_kinds(distinct)]
         xs = [statistics.mean([m["kl"] for m in ms]) if ms else None for ms in per]
         have = [(x, ms) for x, ms in zip(xs, per) if ms]
+        counting = (lambda m: (m["score"] - m["score_before"]) / scales[labeler], "counting labeler's score", "C0")
+        saturating = (lambda m: (m["score_distinct"] - m["score_before_distinct"]) / scales[f"{labeler}_distinct"],
+                      "distinct-word score (saturating)", "C2")
+        proxy = (lambda m: m["proxy_rm_after"] - m["proxy_rm_before"] if "proxy_rm_after" in m else None,
+                 "its 2,048-label reward model's score (proxy)", "C1")
+        true, other = (saturating, counting) if distinct else (counting, saturating)
         gains: list[tuple[Callable[[dict], float | None], str, str]] = [
-            (lambda m: (m["score"] - m["score_before"]) / scales[labeler], "labeler's score (true)", "C0"),
-            (lambda m: m["proxy_rm_after"] - m["proxy_rm_before"] if "proxy_rm_after" in m else None,
-             "2,048-label reward model's score (proxy)", "C1"),
-            (lambda m: (m["score_distinct"] - m["score_before_distinct"]) / scales[f"{labeler}_distinct"],
-             "distinct-word score (saturating)", "C2")]
+            (true[0], true[1] + " (true)", true[2]), proxy, other]
         for gain, label, color in gains:
             points = [(x, [(m["kl"], gain(m)) for m in ms if gain(m) is not None]) for x, ms in have]
             points = [(x, ps) for x, ps in points if ps]
@@ -569,7 +595,8 @@ def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[s
                 ax.scatter([k for k, _ in ps], [g for _, g in ps], color=color, s=8, alpha=0.6)
         ax.set(xscale="log", xlabel="final KL from the initial policy (nats)",
                ylabel="gain over the initial policy (its std = 1)",
-               title=f"{e}: KL targets {', '.join(t for _, t in sweep_kinds())}")
+               title=f"{e}, {'saturating' if distinct else 'counting'} labels: KL targets "
+                     f"{', '.join(t for _, t in sweep_kinds(distinct))}")
         ticks = [t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200) if have and min(x for x, _ in have) / 2 <= t
                  <= max(x for x, _ in have) * 2]
         ax.minorticks_off()
@@ -620,6 +647,7 @@ def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path
         f"Kept in {keep}; {len(results)} of {len(results) + len(missing)} cells finished.",
         "### Label scaling\n\n" + label_table(results, experiments, keep),
         "### KL trade-off\n\n" + kl_table(results, experiments),
+        "### KL trade-off, reward model from the saturating labeler\n\n" + kl_table(results, experiments, True),
         "### Online against offline\n\n" + online_table(results, experiments, keep),
         "### The reward's strength, round by round (first seed)\n\n" + strength_table(keep, cells),
         "Missing cells: " + (", ".join(missing) or "none")])

@@ -29,25 +29,32 @@ def test_the_grid_runs_seed_by_seed_and_each_sweep_after_its_reward_model(bench)
     seeds = [c.seed for c in cells]
     assert seeds == sorted(seeds)
     for i, cell in enumerate(cells):
-        if cell.kind.startswith("kl-"):
-            assert cell.sweep_model() in cells[:i]
+        if cell.kind.removeprefix(bench.DISTINCT).startswith("kl-"):
+            assert cell.sweep_model() in cells[:i] and cell.sweep_model().distinct == cell.distinct
     assert bench.grid([3], ["mock_sentiment"], ["kl-off"]) == [bench.Cell("mock_sentiment", 3, "kl-off")]
 
 
 @pytest.mark.parametrize("kind", ["labels-256", "kl-1.5", "kl-off", "online-current", "online-initial",
-                                  "online-initial-rescaled", "online-current-rescaled"])
+                                  "online-initial-rescaled", "online-current-rescaled", "distinct-labels-2048",
+                                  "distinct-kl-24.0"])
 def test_every_cell_resolves_to_valid_hparams(bench, kind, tmp_path):
     cell = bench.Cell("mock_descriptiveness", 2, kind)
     hp = launch.resolve("train_policy", cell.experiment, cell.name, options.parse(bench.launch_flags(cell, tmp_path),
                                                                                   set()))
     assert hp.run.seed == 2 and hp.run.save_dir == str(tmp_path / cell.name)
-    if kind == "kl-off":
+    if kind.endswith("kl-off"):
         assert hp.rewards.adaptive_kl is None and hp.rewards.kl_coef == 0
     else:
         assert hp.rewards.adaptive_kl.horizon == bench.HORIZON
-    if kind.startswith("kl-"):
+    if "kl-" in kind:
         assert hp.rewards.train_new_model is None
         assert hp.rewards.trained_model == str(tmp_path / cell.sweep_model().name)
+    if kind == "distinct-kl-24.0":
+        assert cell.sweep_model().name == "mock_descriptiveness-s2-distinct-labels-2048"
+        assert hp.rewards.adaptive_kl.target == 24.0
+    if kind.startswith("labels") or kind.startswith("distinct-labels"):
+        assert hp.rewards.train_new_model.labels.source == (
+            "mock:descriptiveness_distinct" if kind.startswith("distinct") else "mock:descriptiveness")
     if kind == "kl-1.5":
         assert hp.rewards.adaptive_kl.target == 1.5
     if kind.startswith("online"):
@@ -61,13 +68,14 @@ def test_every_cell_resolves_to_valid_hparams(bench, kind, tmp_path):
 def fake_findings(cell, kl: float, score: float) -> dict:
     """What measure_folder writes, with made-up numbers."""
     return dict(cell=cell.name, wall_time=10.0, kl=kl, score=score, score_before=0.0, score_distinct=score / 2,
-                win_rate=0.5 + score / 10, repeated_words=0.1, proxy_rm_after=score * 2, heldout_accuracy=0.8,
+                win_rate=0.5 + score / 10, win_rate_distinct=0.25, repeated_words=0.1, proxy_rm_after=score * 2, heldout_accuracy=0.8,
                 own_rm_after_std=1.0, proxy_rm_before=0.0, score_before_distinct=0.0, kl_history=[0.0, kl], kl_coef_history=[0.15, 0.1], score_history=[0.0, score])
 
 
 def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_path, capsys):
     keep, docs = tmp_path / "keep", tmp_path / "docs"
-    cells = bench.grid([0, 1], ["mock_sentiment"], ["labels-2048", "labels-256", "kl-off", "online-initial"])
+    cells = bench.grid([0, 1], ["mock_sentiment"], ["labels-2048", "labels-256", "kl-off", "online-initial",
+                                                    "distinct-labels-2048"])
     done = cells[:-1]
     for i, cell in enumerate(done):
         (keep / cell.name).mkdir(parents=True)
@@ -88,6 +96,9 @@ def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_pat
     two_seeds = [line for line in out.splitlines() if "| 2048 labels | 2 |" in line]
     assert two_seeds and f"{sum(scores) / 2:.2f} ({min(scores):.2f}–{max(scores):.2f})" in two_seeds[0]
     assert (keep / "tables.md").read_text().startswith("Kept in")
+    # the saturating labeler's sweep: its true score is the distinct-word score (score / 2 here)
+    distinct = [float(done.index(c)) / 2 for c in done if c.kind == "distinct-labels-2048"]
+    assert f"| `mock_sentiment` | 6 | 1 | {done.index(cells[4]) + 1.0:.2f} | {distinct[0]:.2f} |" in out
     assert "| mock_sentiment-s0-online-initial | 1 | round 1 | 1.00 | 2.50 | 1.00 | 0.100 |" in out
     for name in ("paper_label_scaling.png", "paper_kl_tradeoff.png", "paper_online_kl.png"):
         assert (docs / name).stat().st_size > 0
