@@ -586,7 +586,7 @@ def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[s
                  "its 2,048-label reward model's score (proxy)", "C1")
         true, other = (saturating, counting) if distinct else (counting, saturating)
         gains: list[tuple[Callable[[dict], float | None], str, str]] = [
-            (true[0], true[1] + " (true)", true[2]), proxy, other]
+            (true[0], true[1].replace(" (saturating)", "") + " (true)", true[2]), proxy, other]
         for gain, label, color in gains:
             points = [(x, [(m["kl"], gain(m)) for m in ms if gain(m) is not None]) for x, ms in have]
             points = [(x, ps) for x, ps in points if ps]
@@ -595,8 +595,8 @@ def plot_kl(results: Results, experiments: list[str], path: Path, scales: dict[s
                 ax.scatter([k for k, _ in ps], [g for _, g in ps], color=color, s=8, alpha=0.6)
         ax.set(xscale="log", xlabel="final KL from the initial policy (nats)",
                ylabel="gain over the initial policy (its std = 1)",
-               title=f"{e}, {'saturating' if distinct else 'counting'} labels: KL targets "
-                     f"{', '.join(t for _, t in sweep_kinds(distinct))}")
+               title=f"{e}, {'saturating' if distinct else 'counting'} labeler's labels\n"
+                     f"KL targets {', '.join(t for _, t in sweep_kinds(distinct))}")
         ticks = [t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200) if have and min(x for x, _ in have) / 2 <= t
                  <= max(x for x, _ in have) * 2]
         ax.minorticks_off()
