@@ -41,7 +41,9 @@ longer samples, and on the policy's samples its spread grows round by round (1.1
 `mock_descriptiveness`): the penalty weighs less and less, faster than the controller can
 follow, and the run overshoots its KL target (README, "The paper's findings"). With
 `online.rescale_kl_coef` a round multiplies kl_coef by its `reward_scale`, so the penalty keeps
-its weight; the controller steers as before between rounds.
+its weight; the controller steers as before between rounds. (The scale is measured on the
+round's own responses, four a best-of-4 label: a round of a few dozen labels measures it
+roughly.)
 
 Labelers (`labels.source`): `mock:<labeler>[:<noise>]`, the mock labelers of the offline demo
 (ties skipped, as there); or `app[:<port>]`, people, through the labeling app that rank 0
