@@ -11,6 +11,12 @@ fresh process, with one CPU thread (OMP_NUM_THREADS=1), kept in DIR/<cell>: a ce
 finished there before is measured, not run again, and a cell cut short resumes where it
 stopped; so the grid can be run in pieces. Seed 0 of every cell comes first, then seed 1, ...
 
+A finished cell's measurements are also recorded in the repository (RECORD/<cell>.json, a few
+kB; `--record` to put them elsewhere): a recorded cell is not run again, and the tables and
+plots are made from the records, so the grid can be continued on another machine, where DIR
+is gone. (A KL-sweep cell whose reward model is recorded but not kept runs that reward model's
+cell again first: the sweep needs its weights.)
+
 The KL controller's horizon is HORIZON episodes for every cell (the experiments' 10,000 lets
 kl_coef move only by a factor 0.88–1.14 in a 6,400-episode run; see the README).
 
@@ -31,7 +37,7 @@ kl_coef move only by a factor 0.88–1.14 in a 6,400-episode run; see the README
 Every finished cell is measured once (DIR/<cell>/findings.json) on the demo's 256 test
 queries with the demo's sampling seed: the labeler's score and win rate (as the demo's
 verdict), the KL of the final policy from the initial one on those samples, and reward-model
-scores. `--report-only` writes the tables (stdout, and DIR/tables.md) and the plots
+scores. `--report-only` writes the tables (stdout, and RECORD/tables.md) and the plots
 (docs/paper_*.png) from whatever cells have finished.
 """
 
@@ -70,6 +76,7 @@ DISTINCT = "distinct-"  # the kinds whose labels come from the saturating labele
 DISTINCT_KL_TARGETS = (1.5, 24.0)  # their sweep: these, TARGET and the penalty off
 DONE_FILE, FAILED_FILE, MEASURED_FILE = "wall_time", "failed", "findings.json"
 DOCS = ROOT / "docs"
+RECORD = ROOT / "bench" / "results" / "paper_findings"
 
 
 @dataclass(frozen=True)
@@ -296,15 +303,40 @@ def measure_folder(cell: Cell, keep: Path) -> dict:
     return out
 
 
-def measure(cell: Cell, keep: Path) -> dict | None:
-    """The cell's measurements (computed once, then read from DIR/<cell>/findings.json); None if unfinished."""
+def kept(cell: Cell, keep: Path) -> bool:
+    return (keep / cell.name / DONE_FILE).exists()
+
+
+def read_record(cell: Cell, record: Path) -> dict:
+    path = record / f"{cell.name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_record(cell: Cell, record: Path, key: str, value) -> None:
+    """Set one entry of the cell's record (written whole to a temporary file, then renamed)."""
+    entries = read_record(cell, record)
+    if entries.get(key) == value:
+        return
+    record.mkdir(parents=True, exist_ok=True)
+    path = record / f"{cell.name}.json"
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({**entries, key: value}, indent=1) + "\n")
+    partial.replace(path)
+
+
+def measure(cell: Cell, keep: Path, record: Path) -> dict | None:
+    """The cell's measurements: computed once from its kept run (DIR/<cell>/findings.json) and
+    recorded, or read from its record when the run is not kept; None if neither."""
     folder = keep / cell.name
-    if not (folder / DONE_FILE).exists():
-        return None
+    if not kept(cell, keep):
+        return read_record(cell, record).get("findings")
     path = folder / MEASURED_FILE
     if not path.exists():
         path.write_text(json.dumps(measure_folder(cell, keep), indent=1))
-    return json.loads(path.read_text())
+    hp = json.loads((folder / save_folders.POLICY_HPARAMS).read_text())
+    findings = {**json.loads(path.read_text()), "kl_target": (hp["rewards"]["adaptive_kl"] or {}).get("target")}
+    write_record(cell, record, "findings", findings)
+    return findings
 
 
 # -- the online overshoot: how strong the reward is, round by round
@@ -364,25 +396,28 @@ def reward_strength(cell: Cell, keep: Path) -> list[dict]:
     return out
 
 
-def strength(cell: Cell, keep: Path) -> list[dict] | None:
-    """reward_strength, computed once (DIR/<cell>/reward_strength.json); None for unfinished cells."""
+def strength(cell: Cell, keep: Path, record: Path) -> list[dict] | None:
+    """reward_strength, computed once from the kept run (DIR/<cell>/reward_strength.json) and
+    recorded, or read from the record; None if neither."""
     folder = keep / cell.name
-    if not (folder / DONE_FILE).exists():
-        return None
+    if not kept(cell, keep):
+        return read_record(cell, record).get("reward_strength")
     path = folder / "reward_strength.json"
     if not path.exists():
         path.write_text(json.dumps(reward_strength(cell, keep), indent=1))
-    return json.loads(path.read_text())
+    found = json.loads(path.read_text())
+    write_record(cell, record, "reward_strength", found)
+    return found
 
 
-def strength_table(keep: Path, cells: list[Cell]) -> str:
+def strength_table(keep: Path, record: Path, cells: list[Cell]) -> str:
     header = ["run", "PPO update", "reward model", "mean score of the policy's samples", "their spread (std)",
               "spread on the initial policy's samples", "kl_coef then", "KL (6 updates before)"]
     rows = []
     for cell in cells:
         if cell.kind not in [k for k, _ in ONLINE_KINDS] or cell.seed != min(c.seed for c in cells):
             continue
-        found, m = strength(cell, keep), measure(cell, keep)
+        found, m = strength(cell, keep, record), measure(cell, keep, record)
         for entry in found or []:
             coef, kl = m["kl_coef_history"], m["kl_history"]
             at = min(entry["update"], len(coef) - 1)
@@ -419,19 +454,19 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
                       *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def targets_of(results: Results, keep: Path, experiment: str, kind: str) -> str:
-    targets = {kl_target(keep, Cell(experiment, seed, kind)) for seed in seeds_done(results, experiment, kind)}
+def targets_of(results: Results, experiment: str, kind: str) -> str:
+    targets = {m["kl_target"] for m in of(results, experiment, kind)}
     return ", ".join(f"{t:g}" for t in sorted(targets)) or "–"
 
 
-def label_table(results: Results, experiments: Iterable[str], keep: Path) -> str:
+def label_table(results: Results, experiments: Iterable[str]) -> str:
     header = ["experiment", "reward", "seeds", "KL target", "labeler's score after", "win rate", "held-out accuracy",
               "final KL", "wall s"]
     rows = []
     for e in experiments:
         for kind, title in [(f"labels-{n}", f"{n} labels") for n in LABEL_COUNTS] + [("ceiling", "labeler itself")]:
             ms = of(results, e, kind)
-            rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, keep, e, kind), spread([m["score"] for m in ms]),
+            rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, e, kind), spread([m["score"] for m in ms]),
                          spread([m["win_rate"] for m in ms], 3), spread([m.get("heldout_accuracy") for m in ms], 3),
                          spread([m["kl"] for m in ms]), spread([m["wall_time"] for m in ms], 0)])
     return markdown(header, rows)
@@ -470,23 +505,14 @@ ONLINE_KINDS = [(f"labels-{SWEEP_LABELS}", "offline"), ("online-current", "onlin
                 ("online-initial-rescaled", "online (`initial`), kl_coef rescaled")]
 
 
-def seeds_done(results: Results, experiment: str, kind: str) -> list[int]:
-    return sorted(c.seed for c in results if c.experiment == experiment and c.kind == kind)
-
-
-def kl_target(keep: Path, cell: Cell) -> float:
-    hp = json.loads((keep / cell.name / save_folders.POLICY_HPARAMS).read_text())
-    return hp["rewards"]["adaptive_kl"]["target"]
-
-
-def online_table(results: Results, experiments: Iterable[str], keep: Path) -> str:
+def online_table(results: Results, experiments: Iterable[str]) -> str:
     header = ["experiment", "mode", "seeds", "KL target", "final KL", "final kl_coef", "win rate", "labeler's score",
               "held-out accuracy", "own reward model's spread on final samples"]
     rows = []
     for e in experiments:
         for kind, title in ONLINE_KINDS:
             ms = of(results, e, kind)
-            rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, keep, e, kind),
+            rows.append([f"`{e}`", title, str(len(ms)), targets_of(results, e, kind),
                          spread([m["kl"] for m in ms]), spread([m["kl_coef_history"][-1] for m in ms if m["kl_coef_history"]], 3), spread([m["win_rate"] for m in ms], 3),
                          spread([m["score"] for m in ms]), spread([m.get("heldout_accuracy") for m in ms], 3),
                          spread([m.get("own_rm_after_std") for m in ms])])
@@ -551,12 +577,13 @@ def plot_labels(results: Results, experiments: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def labeler_scales(keep: Path, experiments: list[str]) -> dict[str, float]:
+def labeler_scales(record: Path, experiments: list[str]) -> dict[str, float]:
     """Each labeler's (and its distinct variant's) std on 256 of the initial policy's samples (seed 0),
-    computed once (DIR/labeler_scales.json): the unit the KL plot puts true scores in."""
+    computed once (RECORD/labeler_scales.json): the unit the KL plot puts true scores in."""
     from lm_human_preferences import experiments as named
 
-    path = keep / "labeler_scales.json"
+    record.mkdir(parents=True, exist_ok=True)
+    path = record / "labeler_scales.json"
     scales = json.loads(path.read_text()) if path.exists() else {}
     for e in experiments:
         labeler = e.removeprefix("mock_")
@@ -636,26 +663,26 @@ def plot_online(results: Results, experiments: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path) -> None:
+def report_all(keep: Path, record: Path, cells: list[Cell], experiments: list[str], docs: Path) -> None:
     results: Results = {}
     for cell in cells:
-        m = measure(cell, keep)
+        m = measure(cell, keep, record)
         if m is not None:
             results[cell] = m
     missing = [c.name for c in cells if c not in results]
     text = "\n\n".join([
-        f"Kept in {keep}; {len(results)} of {len(results) + len(missing)} cells finished.",
-        "### Label scaling\n\n" + label_table(results, experiments, keep),
+        f"Recorded in {record}, runs kept in {keep}; {len(results)} of {len(cells)} cells finished.",
+        "### Label scaling\n\n" + label_table(results, experiments),
         "### KL trade-off\n\n" + kl_table(results, experiments),
         "### KL trade-off, reward model from the saturating labeler\n\n" + kl_table(results, experiments, True),
-        "### Online against offline\n\n" + online_table(results, experiments, keep),
-        "### The reward's strength, round by round (first seed)\n\n" + strength_table(keep, cells),
+        "### Online against offline\n\n" + online_table(results, experiments),
+        "### The reward's strength, round by round (first seed)\n\n" + strength_table(keep, record, cells),
         "Missing cells: " + (", ".join(missing) or "none")])
     print(text)
-    (keep / "tables.md").write_text(text + "\n")
+    (record / "tables.md").write_text(text + "\n")
     docs.mkdir(parents=True, exist_ok=True)
     plot_labels(results, experiments, docs / "paper_label_scaling.png")
-    plot_kl(results, experiments, docs / "paper_kl_tradeoff.png", labeler_scales(keep, experiments))
+    plot_kl(results, experiments, docs / "paper_kl_tradeoff.png", labeler_scales(record, experiments))
     plot_online(results, experiments, docs / "paper_online_kl.png")
     print(f"plots: {', '.join(str(docs / n) for n in ('paper_label_scaling.png', 'paper_kl_tradeoff.png', 'paper_online_kl.png'))}")
 
@@ -663,10 +690,26 @@ def report_all(keep: Path, cells: list[Cell], experiments: list[str], docs: Path
 # -- main
 
 
-def run_grid(keep: Path, cells: list[Cell], extra: list[str]) -> None:
-    walls = [float((keep / c.name / DONE_FILE).read_text()) for c in cells if (keep / c.name / DONE_FILE).exists()]
-    todo = [c for c in cells if not (keep / c.name / DONE_FILE).exists()]
-    print(f"{len(cells) - len(todo)} of {len(cells)} cells finished before; {len(todo)} to run", flush=True)
+def to_run(cells: list[Cell], keep: Path, record: Path) -> list[Cell]:
+    """The cells neither kept nor recorded, in grid order; before a KL-sweep cell, its reward
+    model's cell if that is not kept (recorded only), since the sweep loads its weights."""
+    todo: list[Cell] = []
+    for cell in cells:
+        if kept(cell, keep) or "findings" in read_record(cell, record):
+            continue
+        model = cell.sweep_model()
+        if cell.kind.removeprefix(DISTINCT).startswith("kl-") and not kept(model, keep) and model not in todo:
+            todo.append(model)
+        todo.append(cell)
+    return todo
+
+
+def run_grid(keep: Path, record: Path, cells: list[Cell], extra: list[str]) -> None:
+    walls = [m["wall_time"] for c in cells if (m := measure(c, keep, record)) is not None]
+    todo = to_run(cells, keep, record)
+    rerun = [c.name for c in todo if c not in cells or "findings" in read_record(c, record)]
+    print(f"{len(cells) - len([c for c in todo if c in cells])} of {len(cells)} cells finished before; "
+          f"{len(todo)} to run" + (f" (again, for their weights: {', '.join(rerun)})" if rerun else ""), flush=True)
     for i, cell in enumerate(todo):
         print(f"{time.strftime('%H:%M:%S')} {cell.name}: running", flush=True)
         wall = run_cell(cell, keep, extra)
@@ -676,7 +719,7 @@ def run_grid(keep: Path, cells: list[Cell], extra: list[str]) -> None:
         left = len(todo) - i - 1
         estimate = f"{left} cells left, about {left * statistics.mean(walls) / 60:.0f} min at {statistics.mean(walls):.0f} s a cell"
         try:
-            m = measure(cell, keep)
+            m = measure(cell, keep, record)
         except Exception as error:  # the run is kept: --report-only measures it again
             print(f"{cell.name}: {wall:.0f} s; measuring it failed ({error!r}); {estimate}", flush=True)
             continue
@@ -692,6 +735,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="only these cells")
     parser.add_argument("--report-only", action="store_true", help="only the tables and plots of the finished cells")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the plots go (default: docs/)")
+    parser.add_argument("--record", type=Path, default=RECORD,
+                        help="where each finished cell's measurements are recorded (default: bench/results/paper_findings/)")
     parser.add_argument("--ceiling-run", nargs=4, metavar=("EXPERIMENT", "SEED", "KEEP", "KIND"), help=argparse.SUPPRESS)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="extra launch.py flags for every run (e.g. a shorter PPO to try the bench out)")
@@ -706,8 +751,8 @@ def main() -> None:
     args.keep.mkdir(parents=True, exist_ok=True)
     cells = grid(args.seeds, args.experiments, args.kinds)
     if not args.report_only:
-        run_grid(args.keep, cells, args.flags)
-    report_all(args.keep, cells, args.experiments, args.docs)
+        run_grid(args.keep, args.record, cells, args.flags)
+    report_all(args.keep, args.record, cells, args.experiments, args.docs)
 
 
 if __name__ == "__main__":

@@ -72,36 +72,70 @@ def fake_findings(cell, kl: float, score: float) -> dict:
                 own_rm_after_std=1.0, proxy_rm_before=0.0, score_before_distinct=0.0, kl_history=[0.0, kl], kl_coef_history=[0.15, 0.1], score_history=[0.0, score])
 
 
+def keep_cell(bench, keep, cell, findings: dict, target: float | None = 6.0) -> None:
+    """A finished run in DIR/<cell>, as the grid leaves it (measured already)."""
+    (keep / cell.name).mkdir(parents=True)
+    (keep / cell.name / bench.DONE_FILE).write_text("10.0")
+    (keep / cell.name / bench.MEASURED_FILE).write_text(json.dumps(findings))
+    hparams = {"rewards": {"adaptive_kl": None if target is None else {"target": target}}}
+    (keep / cell.name / "train_policy_hparams.json").write_text(json.dumps(hparams))
+
+
 def test_kept_cells_make_tables_plots_and_a_list_of_missing_cells(bench, tmp_path, capsys):
-    keep, docs = tmp_path / "keep", tmp_path / "docs"
+    keep, record, docs = tmp_path / "keep", tmp_path / "record", tmp_path / "docs"
     cells = bench.grid([0, 1], ["mock_sentiment"], ["labels-2048", "labels-256", "kl-off", "online-initial",
                                                     "distinct-labels-2048"])
     done = cells[:-1]
     for i, cell in enumerate(done):
-        (keep / cell.name).mkdir(parents=True)
-        (keep / cell.name / bench.DONE_FILE).write_text("10.0")
-        findings = fake_findings(cell, kl=1.0 + i, score=float(i))
-        (keep / cell.name / bench.MEASURED_FILE).write_text(json.dumps(findings))
+        keep_cell(bench, keep, cell, fake_findings(cell, kl=1.0 + i, score=float(i)),
+                  target=None if cell.kind == "kl-off" else 6.0)
         strength = [dict(update=1, round=1, before_mean=0.5, before_std=1.5, before_initial_mean=0.0,
                          before_initial_std=1.0, after_mean=1.0, after_std=2.5, after_initial_mean=0.0,
                          after_initial_std=1.0)]
         (keep / cell.name / "reward_strength.json").write_text(json.dumps(strength))
-        hparams = {"rewards": {"adaptive_kl": {"target": 6.0}}}
-        (keep / cell.name / "train_policy_hparams.json").write_text(json.dumps(hparams))
-    (keep / "labeler_scales.json").write_text(json.dumps({"sentiment": 0.7, "sentiment_distinct": 0.6}))
-    bench.report_all(keep, cells, ["mock_sentiment"], docs)
+    record.mkdir()
+    (record / "labeler_scales.json").write_text(json.dumps({"sentiment": 0.7, "sentiment_distinct": 0.6}))
+    bench.report_all(keep, record, cells, ["mock_sentiment"], docs)
     out = capsys.readouterr().out
     assert f"Missing cells: {cells[-1].name}" in out
     scores = [float(done.index(c)) for c in done if c.kind == "labels-2048"]  # both seeds
     two_seeds = [line for line in out.splitlines() if "| 2048 labels | 2 |" in line]
     assert two_seeds and f"{sum(scores) / 2:.2f} ({min(scores):.2f}–{max(scores):.2f})" in two_seeds[0]
-    assert (keep / "tables.md").read_text().startswith("Kept in")
+    assert (record / "tables.md").read_text().startswith("Recorded in")
+    assert "| `mock_sentiment` | 2048 labels | 2 | 6 |" in out  # the KL target, from the runs' hparams
     # the saturating labeler's sweep: its true score is the distinct-word score (score / 2 here)
     distinct = [float(done.index(c)) / 2 for c in done if c.kind == "distinct-labels-2048"]
     assert f"| `mock_sentiment` | 6 | 1 | {done.index(cells[4]) + 1.0:.2f} | {distinct[0]:.2f} |" in out
     assert "| mock_sentiment-s0-online-initial | 1 | round 1 | 1.00 | 2.50 | 1.00 | 0.100 |" in out
     for name in ("paper_label_scaling.png", "paper_kl_tradeoff.png", "paper_online_kl.png"):
         assert (docs / name).stat().st_size > 0
+
+    # Another machine, the runs gone: the same tables from the records alone, and nothing to run but
+    # the missing cell.
+    (docs / "paper_label_scaling.png").unlink()
+    bench.report_all(tmp_path / "elsewhere", record, cells, ["mock_sentiment"], docs)
+    again = capsys.readouterr().out
+    assert again.split("\n", 1)[1] == out.split("\n", 1)[1]
+    assert (docs / "paper_label_scaling.png").stat().st_size > 0
+    assert bench.to_run(cells, tmp_path / "elsewhere", record) == [cells[-1]]
+    recorded = json.loads((record / f"{done[0].name}.json").read_text())
+    assert recorded["findings"]["score"] == 0.0 and recorded["findings"]["kl_target"] == 6.0
+    assert recorded["reward_strength"][0]["after_std"] == 2.5
+
+
+def test_a_sweep_cell_whose_reward_model_is_only_recorded_runs_that_model_again_first(bench, tmp_path):
+    keep, record = tmp_path / "keep", tmp_path / "record"
+    model, sweep, other = (bench.Cell("mock_sentiment", 1, k) for k in ("labels-2048", "kl-off", "labels-256"))
+    keep_cell(bench, keep, model, fake_findings(model, kl=6.0, score=1.0))
+    assert bench.measure(model, keep, record)["kl_target"] == 6.0  # recorded now
+    assert bench.to_run([model, sweep, other], keep, record) == [sweep, other]
+    elsewhere = tmp_path / "elsewhere"
+    assert bench.to_run([model, sweep, other], elsewhere, record) == [model, sweep, other]
+    assert bench.to_run([model, other], elsewhere, record) == [other]
+    # a record is replaced whole, never left half-written
+    bench.write_record(model, record, "reward_strength", [])
+    assert set(json.loads((record / f"{model.name}.json").read_text())) == {"findings", "reward_strength"}
+    assert not list(record.glob("*.partial"))
 
 
 def test_the_ceiling_rewards_the_labelers_score_normalized(bench):
