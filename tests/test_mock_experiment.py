@@ -61,8 +61,10 @@ def test_mock_descriptiveness_learns(main_job):
 # 256` (2-core CPU, shared): held-out accuracy 0.312–0.359, win rate 0.525–0.660, labeler's
 # score after 0.25–0.59; the main job (2,048 labels, above) 0.869–0.916, 0.867–0.900, 1.61–1.81.
 # The smallest gap between any two seeds — accuracy 0.51, win rate 0.21, score 1.02 — is twice
-# or more what the test asks; the paper_findings grid shows the same order at 256, 512, 1,024,
-# 2,048 labels for both mock experiments (README, "Label scaling").
+# or more what the test asks. The paper_findings grid (horizon 640, seeds 0 1 2) agrees for
+# mock_descriptiveness: 256 labels score 0.22–0.70 against 2,048's 1.41–1.72 at every seed; for
+# mock_sentiment one seed's 256-label run scored 1.39, as much as 4,096 labels (README, "Label
+# scaling"), so no test asserts the direction there.
 def test_fewer_labels_learn_less(main_job, tmp_path):
     many = main_job[0]
     few = run_demo(tmp_path, "few", 0, [*MAIN_JOB, "--rewards.train_new_model.labels.num_train", "256"])
