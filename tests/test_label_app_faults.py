@@ -2,6 +2,7 @@
 restart, every answer a client saw confirmed is in the label file exactly once, and nothing else
 but answers that were in flight when it died."""
 
+import http.client
 import json
 import signal
 import threading
@@ -30,8 +31,9 @@ def burst(url: str, stop: threading.Event, confirmed: list, in_flight: list, ref
         n += 1
         try:
             status, data = client.post("/api/label", {"id": answer[0], "label": answer[1]})
-        except (urllib.error.URLError, ConnectionError, OSError):
-            in_flight.append(answer)  # sent, but no answer came: the server may or may not have it
+        # killed mid-reply: no reply, a cut one (IncompleteRead, BadStatusLine) or a truncated body (ValueError)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+            in_flight.append(answer)  # sent, but no whole answer came: the server may or may not have it
             return
         (confirmed if status == 200 else refused).append(answer)
         if status != 200:
