@@ -5,13 +5,14 @@
     python bench/roofline.py --model test    # tiny: checks that the script runs
 
 The machine: torch.matmul's time at every matrix-product shape of the model's forward and
-backward passes (bf16 and float32) and its memory bandwidth (the fastest of a sum, a copy and
+backward passes, in the dtype the run multiplies in (`run.precision auto`: bf16 on a GPU or a
+CPU with native bf16, else float32), and its memory bandwidth (the fastest of a sum, a copy and
 an in-place add over a large tensor, and of the PPO update's own Adam steps). The floor
 of a phase is the sum of
-  - its matrix products, each at the time torch.matmul takes for that shape in bf16 (training
-    backward: the two products per forward product, dX = dY·W and dW = dYᵀ·X);
+  - its matrix products, each at the time torch.matmul takes for that shape in that dtype
+    (training backward: the two products per forward product, dX = dY·W and dW = dYᵀ·X);
   - its memory-bound steps at the measured bandwidth: each decode step of sampling reads every
-    bf16 weight and the KV cache (or does its arithmetic at the fastest bf16 rate measured,
+    weight and the KV cache in that dtype (or does its arithmetic at the fastest rate measured,
     whichever takes longer), and an Adam step moves 28 bytes per parameter (the fp32 master
     read and written, the gradient read, both moments read and written).
 Element-wise work, attention's softmax and Python are not in the floor, so it is a lower bound.
@@ -35,6 +36,7 @@ import ppo_speed
 from lm_human_preferences.language import model as lm
 from lm_human_preferences.task.rewards import RewardModel
 from lm_human_preferences.training.run import RunHParams
+from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.tf_adam import TFAdam
 
 ADAM_BYTES_PER_PARAM = 28  # fp32 master read + written (8), gradient read (4), m and v read + written (16)
@@ -70,13 +72,14 @@ def backward_products(forward: list[Shape]) -> list[Shape]:
 class Machine:
     """torch.matmul times per shape and the memory bandwidth, measured on this machine."""
 
-    def __init__(self, device: torch.device, copy_mib: int):
+    def __init__(self, device: torch.device, copy_mib: int, dtype: torch.dtype):
         self.device = device
+        self.dtype = dtype  # what the measured run multiplies in: its floor's products are timed in it
         self.copy_elements = copy_mib * 2 ** 20 // 4
         self._operands: dict[tuple[Shape, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.seconds: dict[tuple[Shape, torch.dtype], float] = {}
         self.bandwidth = 0.0  # bytes/s
-        self.peak = 0.0  # the fastest bf16 FLOP/s measured at any shape
+        self.peak = 0.0  # the fastest FLOP/s measured at any shape in `dtype`
 
     def _matmul_seconds(self, shape: Shape, dtype: torch.dtype, repeats: int = 3) -> float:
         key = (shape, dtype)
@@ -113,9 +116,10 @@ class Machine:
             for shape in shapes:
                 self.seconds[(shape, dtype)] = medians[f"{dtype} {shape}"]
         self.bandwidth = medians["bandwidth"]
-        self.peak = max(self.peak, max(s.flops / self.seconds[(s, torch.bfloat16)] for s in shapes))
+        if self.dtype in dtypes:
+            self.peak = max(self.peak, max(s.flops / self.seconds[(s, self.dtype)] for s in shapes))
 
-    def products(self, shapes: list[Shape], dtype: torch.dtype = torch.bfloat16) -> float:
+    def products(self, shapes: list[Shape], dtype: torch.dtype) -> float:
         return sum(self.seconds[(s, dtype)] for s in shapes)
 
     def rate(self, shapes: list[Shape], dtype: torch.dtype) -> float:
@@ -132,7 +136,7 @@ class Floors:
     steps: dict[str, list[tuple[float, float]]] = dataclasses.field(default_factory=dict)
 
     def seconds(self, machine: Machine, phase: str) -> float:
-        compute = machine.products(self.products.get(phase, []))
+        compute = machine.products(self.products.get(phase, []), machine.dtype)
         steps = sum(max(moved / machine.bandwidth, flops / machine.peak) for moved, flops in self.steps.get(phase, []))
         return compute + self.bytes.get(phase, 0.0) / machine.bandwidth + steps
 
@@ -142,21 +146,22 @@ def linear_weights(hp: lm.HParams) -> int:
     return hp.n_layer * 12 * hp.n_embd ** 2 + hp.n_vocab * hp.n_embd
 
 
-def sampling_floor(hp: lm.HParams, batch: int, query: int, response: int,
-                   n_params: int) -> tuple[list[Shape], list[tuple[float, float]]]:
+def sampling_floor(hp: lm.HParams, batch: int, query: int, response: int, n_params: int,
+                   itemsize: int) -> tuple[list[Shape], list[tuple[float, float]]]:
     """The query's forward pass (logits at its last position), then response − 1 decode steps, each
-    reading every bf16 weight and the KV cache so far: (bytes, FLOPs) per step."""
+    reading every weight and the KV cache so far, `itemsize` bytes an element: (bytes, FLOPs) per step."""
     steps = []
     for step in range(1, response):
-        cache = hp.n_layer * 2 * batch * (query + step) * hp.n_embd * 2  # keys + values, bf16
+        cache = hp.n_layer * 2 * batch * (query + step) * hp.n_embd * itemsize  # keys + values
         flops = sum(s.flops for s in forward_products(hp, batch, 1, query + step, batch))
-        steps.append((2 * n_params + cache, flops))
+        steps.append((itemsize * n_params + cache, flops))
     return forward_products(hp, batch, query, query, batch), steps
 
 
-def ppo_floors(hp: lm.HParams, batch: int, query: int, response: int, epochs: int, n_params: int) -> Floors:
+def ppo_floors(hp: lm.HParams, batch: int, query: int, response: int, epochs: int, n_params: int,
+               itemsize: int) -> Floors:
     length = query + response
-    sampling, steps = sampling_floor(hp, batch, query, response, n_params)
+    sampling, steps = sampling_floor(hp, batch, query, response, n_params, itemsize)
     scored = forward_products(hp, batch, length, length, batch * response)  # logits at the response positions
     reward = forward_products(hp, batch, length, length, batch)  # the reward head at the last position only
     return Floors(products={"sampling": sampling, "reference": scored, "reward": reward,
@@ -226,35 +231,42 @@ def main() -> None:
     q, r, b = args.query_length, args.response_length, args.batch_size
     trainer = common.make_trainer(args.model, b, q, r, noptepochs=args.noptepochs)
     n_policy = sum(p.numel() for p in trainer.params)
-    ppo = ppo_floors(hp, b, q, r, args.noptepochs, n_policy)
+    dtype = trainer.policy.compute_dtype  # the floor's products are timed in what the run multiplies in
+    ppo = ppo_floors(hp, b, q, r, args.noptepochs, n_policy, dtype.itemsize)
     reward_run, n_reward = reward_step(args.model, args.records, q, r)
     rm = reward_floors(hp, args.records, q, r, n_reward)
     shapes = {s for f in (ppo, rm) for shapes in f.products.values() for s in shapes}
-    machine = Machine(common.device(), args.copy_mib)
-    bf16 = (torch.bfloat16,)
+    machine = Machine(common.device(), args.copy_mib, dtype)
     medians = common.alternate({"update": ppo_speed.update_timer(trainer), "sampling": sampling_timer(trainer),
-                                "reward": reward_run, "machine": lambda: machine.measure(shapes, bf16)},
+                                "reward": reward_run, "machine": lambda: machine.measure(shapes, (dtype,))},
                                args.repeats)
-    machine.take(medians["machine"], shapes, bf16)
+    machine.take(medians["machine"], shapes, (dtype,))
     # The fused Adam kernel may stream faster than the simple kernels: the bandwidth is the fastest seen.
     update = medians["update"]
     adam_rate = ppo.bytes["optimizer"] / update["optimizer"] if update["optimizer"] > 0 else 0.0
     machine.bandwidth = max(machine.bandwidth, adam_rate)
     medians["machine"]["streaming"], medians["machine"]["bandwidth"] = medians["machine"]["bandwidth"], machine.bandwidth
-    fp32_round = machine.measure(shapes, (torch.float32,))
-    machine.take({**fp32_round, "bandwidth": medians["machine"]["bandwidth"]}, shapes, (torch.float32,))
+    # The other dtype, for the record; bf16 only where it is native (emulated, it runs at ~1 GFLOP/s).
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    native = common.device().type == "cuda" or distributed.cpu_has_native_bf16()
+    if other == torch.float32 or native:
+        machine.take({**machine.measure(shapes, (other,)), "bandwidth": machine.bandwidth}, shapes, (other,))
+
+    def rates(shapes: list[Shape]) -> str:
+        return ", ".join(f"{str(t).removeprefix('torch.')} {machine.rate(shapes, t) / 1e12:.2f}"
+                         for t in (dtype, other) if (shapes[0], t) in machine.seconds)
 
     print(common.describe(args))
     print(f"PPO batch {b}, {args.noptepochs} epochs, 1 minibatch, as shipped (precision auto = "
-          f"{trainer.policy.compute_dtype}); reward model: {args.records} best-of-4 records a step; "
-          f"medians of {args.repeats} after a warm-up, alternated with the machine's measurements")
+          f"{dtype}); reward model: {args.records} best-of-4 records a step; "
+          f"medians of {args.repeats} after a warm-up, alternated with the machine's measurements; "
+          f"floors from {dtype} products")
     train = ppo.products["train"][:len(ppo.products["train"]) // args.noptepochs]
     big = [s for s in train if s.batch == 1]
     print(f"machine: memory bandwidth {machine.bandwidth / 1e9:.1f} GB/s (streaming kernels "
           f"{medians['machine']['streaming'] / 1e9:.1f}, Adam {adam_rate / 1e9:.1f}); torch.matmul at the training shapes "
-          f"(trunk and logits, forward and backward): bf16 {machine.rate(big, torch.bfloat16) / 1e12:.2f} TFLOP/s, "
-          f"fp32 {machine.rate(big, torch.float32) / 1e12:.2f} TFLOP/s; attention's batched products bf16 "
-          f"{machine.rate([s for s in train if s.batch > 1], torch.bfloat16) / 1e12:.2f} TFLOP/s")
+          f"(trunk and logits, forward and backward), TFLOP/s: {rates(big)}; attention's batched products: "
+          f"{rates([s for s in train if s.batch > 1])}" + ("" if native else "; bf16 not measured (emulated on this CPU)"))
     rows = [["phase (s)", "measured", "floor", "measured/floor"]]
     floor_total = 0.0
     for key, label in ppo_speed.PHASES:
