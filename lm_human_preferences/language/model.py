@@ -49,7 +49,7 @@ class HParams(hyperparams.HParams):
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [batch, positions, n_vocab]
+    logits: torch.Tensor | None  # [batch, positions, n_vocab]; None when not asked for
     heads: dict[str, torch.Tensor]  # name -> [batch, positions], float32
     cache: "KVCache | None"
 
@@ -325,11 +325,12 @@ class Model(nn.Module):
         return KVCache.empty(hp, batch, capacity, dtype, device)
 
     def forward(self, tokens: torch.Tensor, padding_token: int | None = None, cache: KVCache | None = None,
-                output_slice: slice = slice(None), shared_prefix: int = 0) -> Output:
+                output_slice: slice = slice(None), shared_prefix: int = 0, logits: bool = True) -> Output:
         """Run `tokens` [batch, length] after the cached ones (if any), updating `cache` in place.
 
         Logits and heads are computed only at positions `output_slice` of this call's tokens
-        (e.g. `slice(-1, None)` when sampling), which saves the large vocabulary projection.
+        (e.g. `slice(-1, None)` when sampling), which saves the large vocabulary projection;
+        with `logits=False` only the heads are (the reward model's forward).
 
         With `shared_prefix` k (and no cache), consecutive rows whose first k tokens are equal
         (a query repeated for each of its responses) run those tokens once, and their remaining
@@ -341,12 +342,12 @@ class Model(nn.Module):
                     and output_slice.step in (None, 1):
                 groups = prefix_groups(tokens[:, :shared_prefix])
                 if groups is not None:
-                    return self._forward_shared(tokens, padding_token, output_slice, shared_prefix, *groups)
+                    return self._forward_shared(tokens, padding_token, output_slice, shared_prefix, logits, *groups)
             x = self._hidden(tokens, padding_token, cache)
-            return self._outputs(x[:, output_slice], cache)
+            return self._outputs(x[:, output_slice], cache, logits)
 
     def _forward_shared(self, tokens: torch.Tensor, padding_token: int | None, output_slice: slice, k: int,
-                        first: torch.Tensor, run: torch.Tensor) -> Output:
+                        logits: bool, first: torch.Tensor, run: torch.Tensor) -> Output:
         cache = self.new_cache(len(first))
         prefix, rest = tokens[first, :k], tokens[:, k:]
         # One embedding lookup for both parts: each lookup's backward zero-fills a gradient of the whole vocabulary.
@@ -358,7 +359,7 @@ class Model(nn.Module):
         in_prefix = slice(min(wanted.start, k), min(wanted.stop, k))
         in_rest = slice(max(wanted.start, k) - k, max(wanted.stop, k) - k)
         x = torch.cat([prefix_x[:, in_prefix].index_select(0, run), rest_x[:, in_rest]], dim=1)
-        return self._outputs(x, None)
+        return self._outputs(x, None, logits)
 
     def _frozen_autocast(self):
         device_type = self.wte.weight.device.type
@@ -432,14 +433,16 @@ class Model(nn.Module):
                                                                use_reentrant=False)
         return x
 
-    def _outputs(self, x: torch.Tensor, cache: KVCache | None) -> Output:
+    def _outputs(self, x: torch.Tensor, cache: KVCache | None, logits: bool = True) -> Output:
         output_embedding = self.wte_lowp if self.wte_lowp is not None else self.wte.weight
-        if self.output_projection is not None:
-            logits = self.output_projection(x)
+        if not logits:
+            projected = None
+        elif self.output_projection is not None:
+            projected = self.output_projection(x)
         else:
-            logits = F.linear(x, output_embedding)  # tied output embedding
+            projected = F.linear(x, output_embedding)  # tied output embedding
         heads = {name: head(x).squeeze(-1).float() for name, head in self.heads.items()}
-        return Output(logits=logits, heads=heads, cache=cache)
+        return Output(logits=projected, heads=heads, cache=cache)
 
 
 def _fill_padding(x: torch.Tensor, real: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

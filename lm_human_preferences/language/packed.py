@@ -1,17 +1,29 @@
-"""bf16 matrices prepacked for oneDNN, for forward passes without gradients on a CPU.
+"""Matrices prepacked for oneDNN, for forward passes without gradients on a CPU.
 
-A bf16 `F.linear` on a CPU hands oneDNN a plain row-major matrix, which it reorders into its
-blocked layout inside every call; at the small row counts of sampling (one new token per row)
-that reorder costs as much as the product itself. Packing once (`_reorder_linear_weight`) and
-calling oneDNN's linear on the packed matrix gives the same numbers, in measured bf16 products
-of GPT-2 124M at batch 8 on this project's CPU about 1.8× faster (a decode step's Linear layers
-and logits: 13 ms against 23.5 ms, one thread).
+A `F.linear` on a CPU hands its library a plain row-major matrix: in bf16 oneDNN reorders it
+into its blocked layout inside every call, and in float32 MKL's product is slow at few rows. At
+the small row counts of sampling (one new token per row) that costs as much as the product
+itself, or more. Packing once (`_reorder_linear_weight`) and calling oneDNN's linear on the
+packed matrix gives the same numbers, faster (GPT-2 124M at batch 8, this project's CPUs):
+  - bf16 (native bf16 CPUs): a decode step's Linear layers and logits 13 ms against 23.5 ms, one thread;
+  - float32 (an AVX2 CPU, 2 threads): each trunk matrix 2.4–3.4× faster at 8 rows, 1.4–1.6× at 32,
+    1.1–1.4× at 64, and about even or slower from 128 rows; the output embedding (50,257 × 768)
+    3.4× faster at 8 rows, still 1.4× at 192 and 1.2× at 704.
+So float32 trunk matrices take the packed product only for calls of at most FLOAT32_MAX_ROWS
+rows (sampling's decode steps), the output embedding always; and only matrices of at least
+FLOAT32_MIN_ELEMENTS elements are packed (smaller ones multiply faster plain: the packaged `kjv`
+model's trunk, 128 wide, samples 8% slower packed). `bench/packed_linear.py` measures all of
+this on the machine at hand.
 
-Only matrices already in bf16 are packed (a frozen bf16 model's, or a working copy's while it
-is active), only on CPUs where oneDNN multiplies bf16 natively, and only for calls that record
-no gradient: everything else computes as before. A packed matrix is kept (as much memory again
-as the bf16 matrix) and reused until its source changes (a version counter says so), so a
-trained policy repacks once per optimizer step's worth of sampling and a frozen model once.
+Only matrices in the dtype the forward computes in are packed (a frozen bf16 model's, a working
+copy's while it is active, a float32 model's), only on CPUs where oneDNN multiplies that dtype
+natively, and only for calls that record no gradient: everything else computes as before. A
+packed bf16 matrix is kept (as much memory again as the matrix) and reused until its source
+changes (a version counter says so), so a trained policy repacks once per optimizer step's worth
+of sampling and a frozen model once. Float32 matrices are packed for the block only (`trunk`
+ones only where asked: sampling), so that they add no memory outside it — twice the bf16
+matrices' size, kept, they would crowd the largest models out of memory — at the cost of a
+repack per block (~0.1 s for GPT-2 124M).
 """
 
 import contextlib
@@ -25,52 +37,67 @@ from lm_human_preferences.language.model import Model
 from lm_human_preferences.utils import distributed
 
 
-def available(device: torch.device) -> bool:
-    """Whether this torch and CPU can run prepacked bf16 products."""
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and distributed.cpu_has_native_bf16()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU can run prepacked products in `dtype` (float32, or native bf16)."""
+    if not (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and distributed.cpu_has_native_bf16())
 
 
 # The row count oneDNN tunes a packed matrix for. One value for every call, so that a matrix is
 # packed once: measured (one thread), a matrix packed for 8 rows multiplies 8 rows and 704 rows
 # as fast as one packed for those counts.
 PACK_ROWS = 8
+# Float32 calls with more rows than this take the plain product (faster there), except the
+# output embedding's; float32 matrices with fewer elements than this are not packed (see the
+# module docstring: the crossover measured between 197k and 262k elements at 8 rows).
+FLOAT32_MAX_ROWS = 64
+FLOAT32_MIN_ELEMENTS = 2 ** 18
 
 
-def _pack(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` packed, kept on `owner` until the weight changes (its version counter says so)."""
+def _pack(owner: nn.Module, weight: torch.Tensor, keep: bool) -> torch.Tensor:
+    """`weight` packed; with `keep`, kept on `owner` until the weight changes (its version counter says so)."""
     cached = owner.__dict__.get("_packed_weight")
     if cached is not None and cached[0] is weight and cached[1] == weight._version:
         return cached[2]
     matrix = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
-    owner.__dict__["_packed_weight"] = (weight, weight._version, matrix)
+    if keep:
+        owner.__dict__["_packed_weight"] = (weight, weight._version, matrix)
     return matrix
 
 
-def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, plain, x: torch.Tensor) -> torch.Tensor:
+def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, plain, max_rows: int | None,
+                   x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return plain(x)  # oneDNN's packed linear has no backward
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+    if max_rows is not None and x.numel() > max_rows * x.shape[-1]:
+        return plain(x)
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
 
 
 @contextlib.contextmanager
-def packed(model: Model):
-    """Within the block, the model's bf16 Linear layers and bf16 output embedding compute from
-    prepacked matrices."""
-    if not available(model.wte.weight.device):
+def packed(model: Model, dtype: torch.dtype, trunk: bool = True):
+    """Within the block, the model's `dtype` Linear layers and output embedding compute from
+    prepacked matrices, where this CPU packs `dtype` (`available`). In float32 the Linear layers
+    only with `trunk` (they pay only at few rows: sampling)."""
+    if not available(model.wte.weight.device, dtype):
         yield
         return
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16
-               and (m.bias is None or m.bias.dtype == torch.bfloat16)]
+    keep, max_rows, min_elements = (False, FLOAT32_MAX_ROWS, FLOAT32_MIN_ELEMENTS) if dtype == torch.float32 \
+        else (True, None, 0)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == dtype
+               and (m.bias is None or m.bias.dtype == dtype) and m.weight.numel() >= min_elements] if trunk or keep else []
     try:
         for module in linears:
             bias = None if module.bias is None else module.bias.detach()
-            module.forward = functools.partial(_packed_linear, _pack(module, module.weight), bias,
-                                               functools.partial(F.linear, weight=module.weight, bias=module.bias))
-        if model.wte_lowp is not None and model.wte_lowp.dtype == torch.bfloat16:
-            output = model.wte_lowp
-            model.output_projection = functools.partial(_packed_linear, _pack(model, output), None,
-                                                        functools.partial(F.linear, weight=output))
+            module.forward = functools.partial(_packed_linear, _pack(module, module.weight, keep), bias,
+                                               functools.partial(F.linear, weight=module.weight, bias=module.bias),
+                                               max_rows)
+        output = model.wte_lowp if model.wte_lowp is not None else model.wte.weight
+        if output.dtype == dtype and output.numel() >= min_elements:
+            model.output_projection = functools.partial(_packed_linear, _pack(model, output, keep), None,
+                                                        functools.partial(F.linear, weight=output), None)
         yield
     finally:
         for module in linears:

@@ -36,14 +36,14 @@ class Policy:
         return self
 
     @contextlib.contextmanager
-    def _weights(self, pack: bool):
-        """The context of forward calls: the working copy when there is one; with `pack`, the bf16
-        matrices prepacked (language/packed.py; kept until the weights change)."""
+    def _weights(self, pack: bool, sampling: bool = False):
+        """The context of forward calls: the working copy when there is one; with `pack`, the
+        matrices prepacked (language/packed.py; in float32 the trunk's only when `sampling`)."""
         with contextlib.ExitStack() as stack:
             if self.working_copy is not None:
                 stack.enter_context(self.working_copy.active())
             if pack:
-                stack.enter_context(packed.packed(self.model))
+                stack.enter_context(packed.packed(self.model, self.compute_dtype, trunk=sampling))
             yield
 
     @property
@@ -68,7 +68,7 @@ class Policy:
         dtype = self.compute_dtype
 
         def respond_chunk(queries: torch.Tensor, noise: torch.Tensor) -> dict:
-            with distributed.autocast(self.device, dtype), self._weights(pack=True):
+            with distributed.autocast(self.device, dtype), self._weights(pack=True, sampling=True):
                 samples = sample.sample(self.model, self.format_queries(queries), length, noise=noise,
                                         padding_token=self.encoding.padding_token, temperature=self.temperature,
                                         share_context=self.share_queries)
@@ -85,8 +85,10 @@ class Policy:
         """
         context = self.format_queries(queries)
         tokens = torch.cat([context, responses], dim=1)
-        frozen = self.model.frozen_dtype is not None and not torch.is_grad_enabled()  # packed once: pays
-        with distributed.autocast(self.device, self.compute_dtype), self._weights(pack=frozen):
+        # Packed without gradients: bf16 matrices once (they stay packed until the weights change),
+        # the float32 output embedding for this call (language/packed.py).
+        pack = (self.model.frozen_dtype is not None or self.compute_dtype == torch.float32) and not torch.is_grad_enabled()
+        with distributed.autocast(self.device, self.compute_dtype), self._weights(pack=pack):
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1),
                              shared_prefix=context.shape[1] if self.share_queries else 0)
         logits = out.logits.float()

@@ -63,12 +63,13 @@ class RewardModel(nn.Module):
         if self.working_copy is not None:
             weights = self.working_copy.active()
         elif self.model.frozen_dtype is not None and not torch.is_grad_enabled():
-            weights = packed.packed(self.model)  # prepacked matrices (language/packed.py), packed once
+            # prepacked matrices (language/packed.py), packed once
+            weights = packed.packed(self.model, self.model.frozen_dtype)
         else:
             weights = contextlib.nullcontext()
         with distributed.autocast(self.device, self.compute_dtype), weights:
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(-1, None),
-                             shared_prefix=queries.shape[1] if self.share_queries else 0)
+                             shared_prefix=queries.shape[1] if self.share_queries else 0, logits=False)
         return self.gain * out.heads["reward"][:, 0] + self.bias
 
     @torch.no_grad()
