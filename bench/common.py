@@ -55,6 +55,15 @@ def device() -> torch.device:
     return distributed.device()
 
 
+def precisions() -> tuple[str, ...]:
+    """The precisions worth timing here: bf16 only on a GPU or a CPU with native bf16 (emulated,
+    e.g. on an AVX2-only CPU, its products run at ~1 GFLOP/s: 124M's variants would take hours)."""
+    native = device().type == "cuda" or distributed.cpu_has_native_bf16()
+    if not native:
+        print("bf16 is emulated on this CPU: its variants are skipped", flush=True)
+    return ("fp32", "bf16") if native else ("fp32",)
+
+
 def describe(args) -> str:
     dev = device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \

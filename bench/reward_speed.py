@@ -59,7 +59,8 @@ def main() -> None:
         return run
 
     variants = {}
-    for precision in ("fp32", "bf16"):
+    precisions = common.precisions()
+    for precision in precisions:
         variants[f"{precision} before"] = step(precision, False, "loop")
         variants[f"{precision} unshared"] = step(precision, False, "fused")
         variants[f"{precision} shared"] = step(precision, True, "fused")
@@ -73,10 +74,11 @@ def main() -> None:
     for name, m in medians.items():
         rows.append([name, f"{m['s']:.3f}", f"{4 * n / m['s']:.1f}", f"{base / m['s']:.2f}x"])
     print(common.table(rows))
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         before, unshared, shared = (medians[f"{precision} {v}"]["s"] for v in ("before", "unshared", "shared"))
         print(f"{precision}: shared/before {before / shared:.2f}x, shared/unshared {unshared / shared:.2f}x")
-    print(f"shared: bf16/fp32 {medians['fp32 shared']['s'] / medians['bf16 shared']['s']:.2f}x")
+    if "bf16" in precisions:
+        print(f"shared: bf16/fp32 {medians['fp32 shared']['s'] / medians['bf16 shared']['s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def main() -> None:
             return {"s": common.timed(policy.respond, queries, args.response_length, generator)[0]}
         return run
 
-    variants = {"fp32": respond("fp32", distinct), "bf16": respond("bf16", distinct),
-                "fp32, 4 per query": respond("fp32", repeated), "bf16, 4 per query": respond("bf16", repeated)}
+    variants = {}
+    for precision in common.precisions():
+        variants[precision] = respond(precision, distinct)
+        variants[f"{precision}, 4 per query"] = respond(precision, repeated)
     medians = common.alternate(variants, args.repeats)
 
     print(common.describe(args))

@@ -469,6 +469,13 @@ def test_float32_packed_products_at_few_rows_only(monkeypatch):
     torch.testing.assert_close(got_few.heads["reward"], plain_few.heads["reward"], atol=1e-5, rtol=1e-5)
     assert torch.equal(got_many.heads["reward"], plain_many.heads["reward"])  # plain products at 80 rows
     assert got_many.logits is None
+    m.freeze()  # a frozen model's packed matrices are kept: packed once
+    with torch.no_grad(), packed.packed(m, torch.float32, trunk=False):
+        frozen_logits = m(few, None).logits
+    kept = m.__dict__["_packed_weight"][2]
+    with packed.packed(m, torch.float32, trunk=False):
+        assert m.__dict__["_packed_weight"][2] is kept and "forward" not in linear.__dict__
+    torch.testing.assert_close(frozen_logits, plain_few.logits, atol=1e-5, rtol=1e-5)
 
 
 @needs_float32_packing

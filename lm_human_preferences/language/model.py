@@ -258,6 +258,7 @@ class Model(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(hp.n_embd, 1) for name in heads})
         # After freeze(bf16): the output embedding in bf16 (wte itself stays float32 for the lookup).
         self.register_buffer("wte_lowp", None, persistent=False)
+        self.frozen = False  # freeze(): never trained again (packed matrices of it are kept: language/packed.py)
         self.frozen_dtype: torch.dtype | None = None
         # While language/packed.py packs the matrices for inference: the logits' projection with them.
         self.output_projection: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -301,6 +302,7 @@ class Model(nn.Module):
         bf16 autocast by themselves, so results equal the float32 model's under autocast.
         """
         self.requires_grad_(False).eval()
+        self.frozen = True
         if dtype != torch.float32:
             for module in self.modules():
                 if isinstance(module, nn.Linear):

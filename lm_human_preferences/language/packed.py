@@ -18,12 +18,15 @@ this on the machine at hand.
 Only matrices in the dtype the forward computes in are packed (a frozen bf16 model's, a working
 copy's while it is active, a float32 model's), only on CPUs where oneDNN multiplies that dtype
 natively, and only for calls that record no gradient: everything else computes as before. A
-packed bf16 matrix is kept (as much memory again as the matrix) and reused until its source
-changes (a version counter says so), so a trained policy repacks once per optimizer step's worth
-of sampling and a frozen model once. Float32 matrices are packed for the block only (`trunk`
-ones only where asked: sampling), so that they add no memory outside it — twice the bf16
-matrices' size, kept, they would crowd the largest models out of memory — at the cost of a
-repack per block (~0.1 s for GPT-2 124M).
+packed bf16 matrix, and any matrix of a frozen model, is kept (as much memory again as the
+matrix) and reused until its source changes (a version counter says so), so a trained policy
+repacks once per optimizer step's worth of sampling and a frozen model once. A trained model's
+float32 matrices are packed for the block only (`trunk` ones only where asked: sampling), so
+that they add no memory outside it — twice the bf16 matrices' size, kept, they would crowd the
+largest models out of memory — at the cost of a repack per block (0.15 s for GPT-2 124M, which
+PPO pays anyway: its weights change every update). A frozen float32 model's forward packs only
+its output embedding (Policy.analyze_responses), once: repacked every call (80 ms at 124M) it
+would cost more than it saves at the reference forward's 192 rows (~50 ms).
 """
 
 import contextlib
@@ -84,10 +87,11 @@ def packed(model: Model, dtype: torch.dtype, trunk: bool = True):
     if not available(model.wte.weight.device, dtype):
         yield
         return
-    keep, max_rows, min_elements = (False, FLOAT32_MAX_ROWS, FLOAT32_MIN_ELEMENTS) if dtype == torch.float32 \
+    keep, max_rows, min_elements = (model.frozen, FLOAT32_MAX_ROWS, FLOAT32_MIN_ELEMENTS) if dtype == torch.float32 \
         else (True, None, 0)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == dtype
-               and (m.bias is None or m.bias.dtype == dtype) and m.weight.numel() >= min_elements] if trunk or keep else []
+               and (m.bias is None or m.bias.dtype == dtype) and m.weight.numel() >= min_elements] \
+        if trunk or dtype != torch.float32 else []
     try:
         for module in linears:
             bias = None if module.bias is None else module.bias.detach()

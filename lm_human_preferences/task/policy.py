@@ -85,9 +85,9 @@ class Policy:
         """
         context = self.format_queries(queries)
         tokens = torch.cat([context, responses], dim=1)
-        # Packed without gradients: bf16 matrices once (they stay packed until the weights change),
-        # the float32 output embedding for this call (language/packed.py).
-        pack = (self.model.frozen_dtype is not None or self.compute_dtype == torch.float32) and not torch.is_grad_enabled()
+        # A frozen model (the reference) computes from matrices packed once (language/packed.py;
+        # in float32 only the output embedding).
+        pack = self.model.frozen and not torch.is_grad_enabled()
         with distributed.autocast(self.device, self.compute_dtype), self._weights(pack=pack):
             out = self.model(tokens, self.encoding.padding_token, output_slice=slice(context.shape[1] - 1, -1),
                              shared_prefix=context.shape[1] if self.share_queries else 0)
