@@ -6,15 +6,18 @@
 
 Policy.respond on `--batch_size` distinct queries (the query forward included), and on the same
 batch made of 2 queries × 4 (as when labeling best-of-4 questions: the query runs once per query,
-run.share_queries). Variants alternated after a warm-up call each, medians of --repeats calls.
+run.share_queries); in float32 also without the packed matrices of language/packed.py
+("unpacked"). Variants alternated after a warm-up call each, medians of --repeats calls.
 """
 
 import argparse
+import contextlib
+import unittest.mock
 
 import torch
 
 import common
-from lm_human_preferences.language import model as lm
+from lm_human_preferences.language import model as lm, packed
 from lm_human_preferences.task.policy import Policy
 from lm_human_preferences.utils import distributed
 
@@ -35,17 +38,22 @@ def main() -> None:
     distinct = torch.randint(0, 26, (batch, args.query_length), device=device)
     repeated = distinct[:max(1, batch // 4)].repeat_interleave(4, dim=0)[:batch]
 
-    def respond(precision: str, queries: torch.Tensor):
+    def respond(precision: str, queries: torch.Tensor, pack: bool = True):
         def run() -> dict[str, float]:
             policy.precision = precision
             generator = torch.Generator(device).manual_seed(0)
-            return {"s": common.timed(policy.respond, queries, args.response_length, generator)[0]}
+            with contextlib.ExitStack() as stack:
+                if not pack:
+                    stack.enter_context(unittest.mock.patch.object(packed, "available", lambda device, dtype: False))
+                return {"s": common.timed(policy.respond, queries, args.response_length, generator)[0]}
         return run
 
     variants = {}
     for precision in common.precisions():
         variants[precision] = respond(precision, distinct)
         variants[f"{precision}, 4 per query"] = respond(precision, repeated)
+    if packed.available(device, torch.float32):
+        variants["fp32 unpacked"] = respond("fp32", distinct, pack=False)
     medians = common.alternate(variants, args.repeats)
 
     print(common.describe(args))

@@ -129,6 +129,7 @@ def _ppo_weights(checkpointing: bool) -> dict[str, torch.Tensor]:
     trainer = train_policy.PPOTrainer(policy, Policy(reference, encoding, task), reward_model, hp, seed=0)
     assert policy.model.gradient_checkpointing is checkpointing and not reward_model.model.gradient_checkpointing
     trainer.step(0)
+    assert all(p.grad is None for p in policy.model.parameters())  # freed after the update, before the next sampling
     return {k: v.clone() for k, v in policy.model.state_dict().items()}
 
 

@@ -222,6 +222,9 @@ class PPOTrainer:
             for start in range(0, self.batch_size, self.minibatch_size):
                 index = order[start:start + self.minibatch_size].to(self.policy.device)
                 ppo_stats.append(self.train_minibatch(rollouts[index]))
+        # The gradients are spent: free them before the next rollouts, whose sampling packs a
+        # float32 policy's matrices (language/packed.py) — as much memory again as the weights.
+        self.optimizer.zero_grad(set_to_none=True)
         local = ppo.rollout_stats(rollouts)
         local.update({k: torch.stack([s[k] for s in ppo_stats]).mean() for k in ppo_stats[0]})
         stats = distributed.mean_stats(local)
