@@ -6,14 +6,15 @@ the small row counts of sampling (one new token per row) that costs as much as t
 itself, or more. Packing once (`_reorder_linear_weight`) and calling oneDNN's linear on the
 packed matrix gives the same numbers, faster (GPT-2 124M at batch 8, this project's CPUs):
   - bf16 (native bf16 CPUs): a decode step's Linear layers and logits 13 ms against 23.5 ms, one thread;
-  - float32 (an AVX2 CPU, 2 threads): each trunk matrix 2.4–3.4× faster at 8 rows, 1.4–1.6× at 32,
-    1.1–1.4× at 64, and about even or slower from 128 rows; the output embedding (50,257 × 768)
-    3.4× faster at 8 rows, still 1.4× at 192 and 1.2× at 704.
+  - float32 (an AVX2 CPU, 2 threads): each trunk matrix 1.7–2.2× faster at 8 rows, 1.0–1.3× at 32,
+    1.1× at 64, about even at 128 and 1.1–1.2× slower at 704; the output embedding (50,257 × 768)
+    3.1× faster at 8 rows, still 1.6× at 128 and 1.2× at 704.
 So float32 trunk matrices take the packed product only for calls of at most FLOAT32_MAX_ROWS
 rows (sampling's decode steps), the output embedding always; and only matrices of at least
 FLOAT32_MIN_ELEMENTS elements are packed (smaller ones multiply faster plain: the packaged `kjv`
-model's trunk, 128 wide, samples 8% slower packed). `bench/packed_linear.py` measures all of
-this on the machine at hand.
+model's 128-wide trunk matrices, 49k–66k elements, 12–22% slower packed at 8 and 64 rows; from
+197k elements packed was faster). `bench/packed_linear.py` measures all of this on the machine
+at hand.
 
 Only matrices in the dtype the forward computes in are packed (a frozen bf16 model's, a working
 copy's while it is active, a float32 model's), only on CPUs where oneDNN multiplies that dtype
@@ -23,10 +24,10 @@ matrix) and reused until its source changes (a version counter says so), so a tr
 repacks once per optimizer step's worth of sampling and a frozen model once. A trained model's
 float32 matrices are packed for the block only (`trunk` ones only where asked: sampling), so
 that they add no memory outside it — twice the bf16 matrices' size, kept, they would crowd the
-largest models out of memory — at the cost of a repack per block (0.15 s for GPT-2 124M, which
+largest models out of memory — at the cost of a repack per block (~0.12 s for GPT-2 124M, which
 PPO pays anyway: its weights change every update). A frozen float32 model's forward packs only
-its output embedding (Policy.analyze_responses), once: repacked every call (80 ms at 124M) it
-would cost more than it saves at the reference forward's 192 rows (~50 ms).
+its output embedding (Policy.analyze_responses), once: repacked on every call (62 ms at 124M)
+it would cost about what it saves at the reference forward's 192 rows.
 """
 
 import contextlib
@@ -54,7 +55,7 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 PACK_ROWS = 8
 # Float32 calls with more rows than this take the plain product (faster there), except the
 # output embedding's; float32 matrices with fewer elements than this are not packed (see the
-# module docstring: the crossover measured between 197k and 262k elements at 8 rows).
+# module docstring: the crossover lies between 66k and 197k elements; 2^18 leaves a margin).
 FLOAT32_MAX_ROWS = 64
 FLOAT32_MIN_ELEMENTS = 2 ** 18
 
