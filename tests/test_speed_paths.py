@@ -479,32 +479,23 @@ def test_float32_packed_products_at_few_rows_only(monkeypatch):
 
 
 @needs_float32_packing
-def test_float32_sampling_from_packed_matrices_follows_training(monkeypatch):
-    """A float32 policy samples from matrices packed for each call: the samples and log-probs of
-    the plain products, before and after an optimizer step."""
+def test_frozen_float32_reference_packs_its_output_embedding_once(monkeypatch):
+    """The reference (a frozen float32 policy) scores from its output embedding packed once: the
+    log-probs of the plain product; the trunk stays plain (its forward has many rows)."""
     monkeypatch.setattr(packed, "FLOAT32_MIN_ELEMENTS", 0)
-    results = {}
-    for use_packing in (False, True):
-        policy = Policy(_model(heads=("value",), hp=PACK_HP), encodings.get("test"), _task(), precision="fp32")
-        policy.configure(RunHParams(precision="fp32"))
-        optimizer = TFAdam(policy.model.parameters(), lr=0.01)
-        rounds = []
-        for _ in range(2):
-            with pytest.MonkeyPatch.context() as patch:
-                if not use_packing:
-                    patch.setattr(packed, "available", lambda device, dtype: False)
-                rounds.append(policy.respond(QUERIES, 5, generator=torch.Generator().manual_seed(3)))
-                with torch.no_grad():
-                    rounds.append(policy.analyze_responses(QUERIES, SAMPLED[:3]))  # packed output embedding
-            policy.analyze_responses(QUERIES, SAMPLED[:3])["logprobs"].sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        results[use_packing] = rounds
-    for plain, fast in zip(results[False], results[True]):
-        if "responses" in plain:
-            assert torch.equal(fast["responses"], plain["responses"])
-        torch.testing.assert_close(fast["logprobs"], plain["logprobs"], atol=1e-5, rtol=1e-5)
-    assert not torch.equal(results[True][0]["logprobs"], results[True][2]["logprobs"])
+    reference = Policy(_model(heads=(), hp=PACK_HP), encodings.get("test"), _task(), precision="fp32")
+    reference.configure(RunHParams(precision="fp32"), frozen=True)
+    with torch.no_grad():
+        got = reference.analyze_responses(QUERIES, SAMPLED[:3], entropies=False)
+        kept = reference.model.__dict__["_packed_weight"][2]
+        again = reference.analyze_responses(QUERIES, SAMPLED[:3], entropies=False)
+        assert reference.model.__dict__["_packed_weight"][2] is kept
+        assert "_packed_weight" not in reference.model.h[0].mlp.c_fc.__dict__
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(packed, "available", lambda device, dtype: False)
+            plain = reference.analyze_responses(QUERIES, SAMPLED[:3], entropies=False)
+    torch.testing.assert_close(got["logprobs"], plain["logprobs"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(again["logprobs"], got["logprobs"])
 
 
 def test_reward_model_computes_no_logits():
@@ -548,15 +539,19 @@ def test_packed_matrices_give_the_unpacked_products():
     assert not torch.equal(changed.logits, got.logits)
 
 
-@needs_packing
-def test_sampling_from_packed_matrices_follows_training():
-    """A trained bf16 policy samples from packed copies of its working copy: the same samples as
-    without packing, and after an optimizer step from the new weights."""
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=needs_float32_packing),
+                                       pytest.param("bf16", marks=needs_packing)])
+def test_sampling_from_packed_matrices_follows_training(precision, monkeypatch):
+    """A trained policy samples from packed matrices (bf16: packed copies of its working copy, kept
+    until they change; float32: packed for each call): the same samples as without packing, and
+    after an optimizer step from the new weights."""
+    hp, lr, tolerance = (PACK_HP, 0.01, 1e-5) if precision == "fp32" else (HP, 0.1, 1e-2)
+    monkeypatch.setattr(packed, "FLOAT32_MIN_ELEMENTS", 0)  # PACK_HP's matrices are small
     results = {}
     for use_packing in (False, True):
-        policy = Policy(_model(heads=("value",)), encodings.get("test"), _task(), precision="bf16")
-        policy.configure(RunHParams(precision="bf16"))
-        optimizer = TFAdam(policy.model.parameters(), lr=0.1)
+        policy = Policy(_model(heads=("value",), hp=hp), encodings.get("test"), _task(), precision=precision)
+        policy.configure(RunHParams(precision=precision))
+        optimizer = TFAdam(policy.model.parameters(), lr=lr)
         rounds = []
         for _ in range(2):
             with pytest.MonkeyPatch.context() as patch:
@@ -569,5 +564,5 @@ def test_sampling_from_packed_matrices_follows_training():
         results[use_packing] = rounds
     for plain, fast in zip(results[False], results[True]):
         assert torch.equal(fast["responses"], plain["responses"])
-        torch.testing.assert_close(fast["logprobs"], plain["logprobs"], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(fast["logprobs"], plain["logprobs"], atol=tolerance, rtol=tolerance)
     assert not torch.equal(results[True][0]["logprobs"], results[True][1]["logprobs"])
