@@ -6,7 +6,9 @@
 
 For each size, fp32 and bf16 alternate after a warm-up, medians of --repeats. The ratio fp32/bf16
 above 1 means bf16 is faster; `run.precision auto` uses bf16 on a CPU from
-distributed.CPU_BF16_MIN_PARAMS parameters on (if the CPU has native bf16).
+distributed.CPU_BF16_MIN_PARAMS parameters on (if the CPU has native bf16). On a CPU without
+native bf16 (emulated, ~1 GFLOP/s) bf16 stops being timed after the first size where it takes
+over EMULATED_GIVE_UP × fp32's time: larger sizes would take hours, and auto never picks it there.
 """
 
 import argparse
@@ -22,6 +24,7 @@ SIZES = [  # (n_vocab, n_embd, n_head, n_layer)
     (50257, 768, 12, 12),
 ]
 TEST_SIZES = [(27, 8, 2, 2), (50, 16, 2, 2)]
+EMULATED_GIVE_UP = 10
 
 
 def main() -> None:
@@ -34,6 +37,8 @@ def main() -> None:
     device = common.device()
     length = args.query_length + args.response_length
     rows = [["n_vocab/n_embd/n_layer", "params", "fp32 s", "bf16 s", "fp32/bf16", "auto picks"]]
+    native = device.type == "cuda" or distributed.cpu_has_native_bf16()
+    time_bf16 = True
     for n_vocab, n_embd, n_head, n_layer in TEST_SIZES if args.model == "test" else SIZES:
         torch.manual_seed(0)
         model = lm.Model(lm.HParams(n_vocab=n_vocab, n_ctx=max(length, 16), n_embd=n_embd, n_head=n_head,
@@ -51,10 +56,15 @@ def main() -> None:
                 return {"s": common.timed(forward_backward)[0]}
             return run
 
-        medians = common.alternate({"fp32": step(torch.float32), "bf16": step(torch.bfloat16)}, args.repeats)
-        f, b = medians["fp32"]["s"], medians["bf16"]["s"]
-        rows.append([f"{n_vocab}/{n_embd}/{n_layer}", f"{n_params / 1e6:.1f}M", f"{f:.3f}", f"{b:.3f}", f"{f / b:.2f}",
-                     str(distributed.compute_dtype(device, "auto", n_params)).replace("torch.", "")])
+        variants = {"fp32": step(torch.float32), "bf16": step(torch.bfloat16)} if time_bf16 else \
+            {"fp32": step(torch.float32)}
+        medians = common.alternate(variants, args.repeats)
+        f = medians["fp32"]["s"]
+        b = medians["bf16"]["s"] if time_bf16 else None
+        auto = str(distributed.compute_dtype(device, "auto", n_params)).replace("torch.", "")
+        rows.append([f"{n_vocab}/{n_embd}/{n_layer}", f"{n_params / 1e6:.1f}M", f"{f:.3f}",
+                     "emulated: not timed" if b is None else f"{b:.3f}", "-" if b is None else f"{f / b:.2f}", auto])
+        time_bf16 = time_bf16 and (native or b < EMULATED_GIVE_UP * f)
         del model
     print(common.describe(args))
     print(f"forward + backward of {args.batch_size}×{length} tokens, medians of {args.repeats} after a warm-up")
