@@ -55,13 +55,18 @@ def device() -> torch.device:
     return distributed.device()
 
 
+def native_bf16() -> bool:
+    """Whether bf16 products run natively here: a GPU, or a CPU with native bf16 (emulated, e.g. on
+    an AVX2-only CPU, they run at ~1 GFLOP/s: 124M's bf16 variants would take hours)."""
+    return device().type == "cuda" or distributed.cpu_has_native_bf16()
+
+
 def precisions() -> tuple[str, ...]:
-    """The precisions worth timing here: bf16 only on a GPU or a CPU with native bf16 (emulated,
-    e.g. on an AVX2-only CPU, its products run at ~1 GFLOP/s: 124M's variants would take hours)."""
-    native = device().type == "cuda" or distributed.cpu_has_native_bf16()
-    if not native:
+    """The precisions worth timing here: bf16 only where it is native."""
+    if not native_bf16():
         print("bf16 is emulated on this CPU: its variants are skipped", flush=True)
-    return ("fp32", "bf16") if native else ("fp32",)
+        return ("fp32",)
+    return ("fp32", "bf16")
 
 
 def describe(args) -> str:

@@ -37,7 +37,7 @@ def main() -> None:
     device = common.device()
     length = args.query_length + args.response_length
     rows = [["n_vocab/n_embd/n_layer", "params", "fp32 s", "bf16 s", "fp32/bf16", "auto picks"]]
-    native = device.type == "cuda" or distributed.cpu_has_native_bf16()
+    native = common.native_bf16()
     time_bf16 = True
     for n_vocab, n_embd, n_head, n_layer in TEST_SIZES if args.model == "test" else SIZES:
         torch.manual_seed(0)

@@ -36,7 +36,6 @@ import ppo_speed
 from lm_human_preferences.language import model as lm
 from lm_human_preferences.task.rewards import RewardModel
 from lm_human_preferences.training.run import RunHParams
-from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.tf_adam import TFAdam
 
 ADAM_BYTES_PER_PARAM = 28  # fp32 master read + written (8), gradient read (4), m and v read + written (16)
@@ -248,7 +247,7 @@ def main() -> None:
     medians["machine"]["streaming"], medians["machine"]["bandwidth"] = medians["machine"]["bandwidth"], machine.bandwidth
     # The other dtype, for the record; bf16 only where it is native (emulated, it runs at ~1 GFLOP/s).
     other = torch.float32 if dtype != torch.float32 else torch.bfloat16
-    native = common.device().type == "cuda" or distributed.cpu_has_native_bf16()
+    native = common.native_bf16()
     if other == torch.float32 or native:
         machine.take({**machine.measure(shapes, (other,)), "bandwidth": machine.bandwidth}, shapes, (other,))
 

@@ -42,9 +42,8 @@ def main() -> None:
         def run() -> dict[str, float]:
             policy.precision = precision
             generator = torch.Generator(device).manual_seed(0)
-            with contextlib.ExitStack() as stack:
-                if not pack:
-                    stack.enter_context(unittest.mock.patch.object(packed, "available", lambda device, dtype: False))
+            unpacked = unittest.mock.patch.object(packed, "available", lambda device, dtype: False)
+            with contextlib.nullcontext() if pack else unpacked:
                 return {"s": common.timed(policy.respond, queries, args.response_length, generator)[0]}
         return run
 

@@ -88,11 +88,12 @@ def packed(model: Model, dtype: torch.dtype, trunk: bool = True):
     if not available(model.wte.weight.device, dtype):
         yield
         return
-    keep, max_rows, min_elements = (model.frozen, FLOAT32_MAX_ROWS, FLOAT32_MIN_ELEMENTS) if dtype == torch.float32 \
-        else (True, None, 0)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == dtype
-               and (m.bias is None or m.bias.dtype == dtype) and m.weight.numel() >= min_elements] \
-        if trunk or dtype != torch.float32 else []
+    if dtype == torch.float32:  # the rules of the module docstring
+        keep, max_rows, min_elements, pack_trunk = model.frozen, FLOAT32_MAX_ROWS, FLOAT32_MIN_ELEMENTS, trunk
+    else:  # bf16 pays at every row count and size
+        keep, max_rows, min_elements, pack_trunk = True, None, 0, True
+    linears = [m for m in model.modules() if pack_trunk and isinstance(m, nn.Linear) and m.weight.dtype == dtype
+               and (m.bias is None or m.bias.dtype == dtype) and m.weight.numel() >= min_elements]
     try:
         for module in linears:
             bias = None if module.bias is None else module.bias.detach()
