@@ -20,7 +20,8 @@ Element-wise work, attention's softmax and Python are not in the floor, so it is
 Measured in the same run, alternated after a warm-up round (medians of --repeats):
   - a PPO update as shipped (run.precision auto, shared queries, fused Adam), phase by phase,
     timed as bench/ppo_speed.py does;
-  - sampling alone (Policy.respond on --batch_size distinct queries, as bench/sampling_speed.py);
+  - sampling alone (Policy.respond on --batch_size distinct queries, as bench/sampling_speed.py),
+    and its first token alone: the query's forward pass, the rest the decode steps;
   - a reward-model training step (best-of-4 loss of --records records, backward, Adam, shared
     queries, as bench/reward_speed.py).
 """
@@ -200,12 +201,16 @@ def reward_step(size: str, records: int, query: int, response: int):
 
 
 def sampling_timer(trainer):
+    """`respond` of the whole response, and of its first token alone (the query's forward pass, one
+    draw, and packing the matrices where language/packed.py packs them): the difference is the
+    decode steps'."""
     queries = next(trainer.queries)
     length = trainer.hp.task.response_length
 
     def run() -> dict[str, float]:
         generator = torch.Generator(trainer.policy.device).manual_seed(0)
-        return {"sampling": common.timed(trainer.policy.respond, queries, length, generator)[0]}
+        first = common.timed(trainer.policy.respond, queries, 1, generator)[0]
+        return {"sampling": common.timed(trainer.policy.respond, queries, length, generator)[0], "first": first}
 
     return run
 
@@ -274,10 +279,24 @@ def main() -> None:
         rows.append(row(f"PPO {label}", update[key], floor))
     rows.append(row("PPO other", update["other"], 0.0))
     rows.append(row("PPO update", update["total"], floor_total))
-    rows.append(row(f"sampling alone ({b}×{r} tokens)", medians["sampling"]["sampling"], ppo.seconds(machine, "sampling")))
+    sampling = medians["sampling"]
+    query_floor = machine.products(ppo.products["sampling"], dtype)
+    rows.append(row(f"sampling alone ({b}×{r} tokens)", sampling["sampling"], ppo.seconds(machine, "sampling")))
+    rows.append(row("— query forward, first token", sampling["first"], query_floor))
+    rows.append(row(f"— {r - 1} decode steps", sampling["sampling"] - sampling["first"],
+                    ppo.seconds(machine, "sampling") - query_floor))
     rows.append(row(f"reward-model step ({4 * args.records} sequences)", medians["reward"]["step"],
                     rm.seconds(machine, "step")))
     print(common.table(rows))
+    # A decode step reads every weight for `b` new tokens: 2·b FLOPs per weight. Where that is near
+    # the machine's ridge point (peak FLOP/s over bandwidth), it is bound by reading and by
+    # arithmetic at once, and its products cannot hide either behind the other.
+    moved, flops = ppo.steps["sampling"][0]
+    print(f"decode step: {flops / moved:.1f} FLOP a byte read at batch {b}, this machine's ridge point "
+          f"{machine.peak / machine.bandwidth:.1f} (peak {machine.peak / 1e12:.2f} TFLOP/s over "
+          f"{machine.bandwidth / 1e9:.1f} GB/s): its floor {moved / machine.bandwidth * 1e3:.1f} ms reading, "
+          f"{flops / machine.peak * 1e3:.1f} ms computing; measured "
+          f"{(sampling['sampling'] - sampling['first']) / max(r - 1, 1) * 1e3:.1f} ms a step")
     print(f"PPO: {b / update['total']:.2f} episodes/s (floor {b / floor_total:.2f}); sampling: "
           f"{b * r / medians['sampling']['sampling']:.0f} new tokens/s (floor {b * r / ppo.seconds(machine, 'sampling'):.0f}); "
           f"reward model: {4 * args.records / medians['reward']['step']:.1f} sequences/s "

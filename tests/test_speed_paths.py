@@ -299,7 +299,7 @@ def test_precision_rule(monkeypatch):
 @pytest.mark.parametrize("script, args, expected", [
     ("ppo_update.py", ["--batch_size", "8", "--updates", "1"], "episodes/s"),
     ("ppo_speed.py", ["--repeats", "1", "--noptepochs", "1"], "sum of its parts"),
-    ("roofline.py", ["--repeats", "1", "--noptepochs", "1", "--clock", "cpu"], "measured/floor"),
+    ("roofline.py", ["--repeats", "1", "--noptepochs", "1", "--clock", "cpu"], "ridge point"),
     ("reward_speed.py", ["--repeats", "1", "--records", "2"], "shared/unshared"),
     ("sampling_speed.py", ["--repeats", "1"], "new tokens/s"),
     ("ppo_memory.py", ["--batch_size", "8", "--chunk_sizes", "4"], "peak"),
