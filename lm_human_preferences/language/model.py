@@ -435,7 +435,7 @@ class Model(nn.Module):
                                                                use_reentrant=False)
         return x
 
-    def _outputs(self, x: torch.Tensor, cache: KVCache | None, logits: bool = True) -> Output:
+    def _outputs(self, x: torch.Tensor, cache: KVCache | None, logits: bool) -> Output:
         output_embedding = self.wte_lowp if self.wte_lowp is not None else self.wte.weight
         if not logits:
             projected = None

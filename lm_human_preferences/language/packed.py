@@ -24,10 +24,11 @@ matrix) and reused until its source changes (a version counter says so), so a tr
 repacks once per optimizer step's worth of sampling and a frozen model once. A trained model's
 float32 matrices are packed for the block only (`trunk` ones only where asked: sampling), so
 that they add no memory outside it — twice the bf16 matrices' size, kept, they would crowd the
-largest models out of memory — at the cost of a repack per block (~0.12 s for GPT-2 124M, which
-PPO pays anyway: its weights change every update). A frozen float32 model's forward packs only
-its output embedding (Policy.analyze_responses), once: repacked on every call (62 ms at 124M)
-it would cost about what it saves at the reference forward's 192 rows.
+largest models out of memory — at the cost of a repack per block (~0.14 s for GPT-2 124M by
+bench/packed_linear.py's pack times, which PPO pays anyway: its weights change every update).
+A frozen float32 model's forward packs only its output embedding (Policy.analyze_responses),
+once: repacked on every call (62 ms at 124M) it would cost about what it saves at the reference
+forward's 192 rows.
 """
 
 import contextlib
