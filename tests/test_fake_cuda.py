@@ -1,0 +1,83 @@
+"""The CUDA path without a GPU: the commands' own code traced on fake CUDA tensors (tests/fake_cuda/).
+
+Each scenario runs in its own process with the shim preloaded; it fails on a cuda/cpu device mismatch, a
+generator on the wrong device, a collective given a CPU tensor in a pretend 2-rank NCCL world, and here
+on host reads (device→host syncs) inside the decode loop or over the budget of a PPO minibatch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).with_name("fake_cuda")))
+import harness  # noqa: E402
+
+TRACE = Path(__file__).with_name("fake_cuda") / "trace.py"
+# Host syncs a PPO minibatch may make: 1 for the finiteness check before the optimizer step, and per forward
+# micro-batch (one here: chunk_size covers the minibatch) 1 to find the queries shared by several rows
+# (prefix_groups) and 1 to learn whether any token is padding (it chooses the attention kernel).
+MINIBATCH_SYNC_BUDGET = 3
+
+
+@pytest.fixture(scope="module")
+def shim() -> Path:
+    try:
+        return harness.build_shim()
+    except harness.ShimUnavailable as e:
+        pytest.skip(f"fake CUDA shim cannot be built for this torch: {e}")
+
+
+def trace(shim: Path, scenario: str, workdir: Path) -> dict:
+    env = dict(os.environ, LD_PRELOAD=str(shim), PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(TRACE), scenario, str(workdir)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TRACE ")]
+    assert lines, f"the trace printed no result (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    result = json.loads(lines[-1][len("TRACE "):])
+    assert result["ok"], f"{scenario}: {result['error']}\n{result.get('traceback', '')}"
+    return result
+
+
+def minibatch_syncs(result: dict) -> int:
+    return sum(n for site, n in result["syncs"].items() if "@minibatch" in site)
+
+
+def test_reward_model_step(shim, tmp_path):
+    trace(shim, "reward_step", tmp_path)
+
+
+def test_ppo_updates_offline_within_the_sync_budget(shim, tmp_path):
+    result = trace(shim, "ppo_offline", tmp_path)
+    per_minibatch = minibatch_syncs(result) / result["minibatches"]
+    assert 0 < per_minibatch <= MINIBATCH_SYNC_BUDGET, result["syncs"]
+    assert not [site for site in result["syncs"] if "@decode" in site], result["syncs"]
+
+
+def test_an_online_round(shim, tmp_path):
+    trace(shim, "ppo_online", tmp_path)
+
+
+def test_no_host_sync_inside_the_decode_loop(shim, tmp_path):
+    counts = trace(shim, "sampling", tmp_path)["sample_syncs"]
+    assert counts["2"] == counts["6"], counts  # a sync per step would grow with the length
+
+
+def test_stop_then_resume(shim, tmp_path):
+    result = trace(shim, "stop_then_resume", tmp_path)
+    assert result["stopped_code"] == 128 + 15
+
+
+def test_a_two_rank_nccl_world(shim, tmp_path):
+    trace(shim, "nccl_world", tmp_path)
+
+
+def test_auto_precision_skips_emulated_bf16(shim, tmp_path):
+    assert trace(shim, "precision_h100", tmp_path)["auto"] == "torch.bfloat16"
+    v100 = trace(shim, "precision_v100", tmp_path)
+    assert v100["auto"] == "torch.float32"
+    assert v100["bf16"].startswith("refused") and "V100" in v100["bf16"]
