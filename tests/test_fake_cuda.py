@@ -73,7 +73,8 @@ def test_stop_then_resume(shim, tmp_path):
 
 
 def test_a_two_rank_nccl_world(shim, tmp_path):
-    trace(shim, "nccl_world", tmp_path)
+    result = trace(shim, "nccl_world", tmp_path)
+    assert (result["backend"], result["device_id"]) == ("nccl", "cuda:1")
 
 
 def test_auto_precision_skips_emulated_bf16(shim, tmp_path):

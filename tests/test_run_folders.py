@@ -3,10 +3,13 @@
 import json
 
 import pytest
+import torch
 
 from lm_human_preferences.cli import main as cli
-from lm_human_preferences.training import run
+from lm_human_preferences.training import resume, run
 from lm_human_preferences.utils import save_folders
+from lm_human_preferences.utils.errors import UserError
+from lm_human_preferences.utils.tf_adam import TFAdam
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", ""])
@@ -39,3 +42,22 @@ def test_a_run_that_started_keeps_its_folder_and_report(tmp_path):
     (folder / save_folders.REPORT).write_text("<html>")
     (folder / save_folders.REPORT_PLOTS).mkdir()
     assert run.release_if_unstarted(folder) and not folder.exists()
+
+
+class _GpuGenerator:
+    """What a CUDA generator saves: 16 bytes (seed and offset), not the CPU generator's 5,056."""
+
+    def get_state(self):
+        return torch.zeros(16, dtype=torch.uint8)
+
+
+def test_a_state_saved_on_a_gpu_is_a_clear_error_on_the_cpu(tmp_path):
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = TFAdam([param], lr=0.1)
+    resume.save_state(tmp_path, 2, "model-0000002.safetensors", optimizer, {"sampling": _GpuGenerator()}, {})
+    state = resume.load_state(tmp_path)
+    with pytest.raises(UserError, match="drew its random numbers on a GPU and cannot resume exactly on the CPU"):
+        resume.restore(state, optimizer, {"sampling": torch.Generator()})
+    cpu = torch.Generator().manual_seed(3)
+    resume.save_state(tmp_path, 3, "model-0000003.safetensors", optimizer, {"sampling": cpu}, {})
+    resume.restore(resume.load_state(tmp_path), optimizer, {"sampling": torch.Generator()})  # same kind: fine

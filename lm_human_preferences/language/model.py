@@ -311,6 +311,11 @@ class Model(nn.Module):
             self.frozen_dtype = dtype
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is, and so where every tensor of its forward passes, samples and training steps goes."""
+        return self.wte.weight.device
+
     def new_cache(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for `batch` rows: preallocated for up to `capacity` positions (≤ n_ctx), or
         growing (capacity None; gradients flow through it).
@@ -320,7 +325,7 @@ class Model(nn.Module):
         hp = self.hparams
         if capacity is not None and capacity > hp.n_ctx:
             raise UserError(f"a cache of {capacity} positions exceeds the model's context of {hp.n_ctx} tokens")
-        device = self.wte.weight.device
+        device = self.device
         if dtype is None:
             autocasting = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocasting else self.frozen_dtype or self.wte.weight.dtype
@@ -355,8 +360,13 @@ class Model(nn.Module):
         # One embedding lookup for both parts: each lookup's backward zero-fills a gradient of the whole vocabulary.
         ids = torch.cat([prefix.reshape(-1), rest.reshape(-1)])
         embedded = self.wte(ids if padding_token is None else torch.where(ids == padding_token, 0, ids))
-        prefix_x = self._hidden(prefix, padding_token, cache, embedded[:prefix.numel()].view(*prefix.shape, -1))
-        rest_x = self._hidden(rest, padding_token, cache.select(run), embedded[prefix.numel():].view(*rest.shape, -1))
+        # Whether each part holds padding, read in one device sync for both.
+        padded = [False, False] if padding_token is None else \
+            torch.stack([(prefix == padding_token).any(), (rest == padding_token).any()]).tolist()
+        prefix_x = self._hidden(prefix, padding_token, cache, embedded[:prefix.numel()].view(*prefix.shape, -1),
+                                padded=padded[0])
+        rest_x = self._hidden(rest, padding_token, cache.select(run), embedded[prefix.numel():].view(*rest.shape, -1),
+                              padded=padded[1])
         wanted = range(tokens.shape[1])[output_slice]
         in_prefix = slice(min(wanted.start, k), min(wanted.stop, k))
         in_rest = slice(max(wanted.start, k) - k, max(wanted.stop, k) - k)
@@ -364,16 +374,17 @@ class Model(nn.Module):
         return self._outputs(x, None, logits)
 
     def _frozen_autocast(self):
-        device_type = self.wte.weight.device.type
+        device_type = self.device.type
         if self.frozen_dtype is None or torch.is_autocast_enabled(device_type):
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.frozen_dtype)
 
     def _hidden(self, tokens: torch.Tensor, padding_token: int | None, cache: KVCache | None,
-                embedded: torch.Tensor | None = None) -> torch.Tensor:
+                embedded: torch.Tensor | None = None, padded: bool | None = None) -> torch.Tensor:
         """Final hidden states [batch, length, n_embd] (padding filled), after the cached tokens.
 
-        `embedded`: the token embeddings (padding as id 0), when the caller looked them up already.
+        `embedded`: the token embeddings (padding as id 0), when the caller looked them up already;
+        `padded`: whether any token is padding, when the caller knows (else read from the device).
         """
         batch, length = tokens.shape
         start = cache.length if cache is not None else 0
@@ -388,7 +399,8 @@ class Model(nn.Module):
             real, padded = torch.ones_like(tokens, dtype=torch.bool), False
         else:
             real = tokens != padding_token
-            padded = not bool(real.all())  # one host sync: it decides which attention kernel runs
+            if padded is None:
+                padded = not bool(real.all())  # one host sync: it decides which attention kernel runs
         if padded:
             tokens = torch.where(real, tokens, 0)
             positions = n_real_before[:, None] + torch.cumsum(real, dim=1) - real.long()  # exclusive cumsum
@@ -417,12 +429,13 @@ class Model(nn.Module):
         A block stores its keys and values in a growing cache (a shared query prefix in training).
         Recomputed in the backward pass, it must see the cache as it was, so it runs on a
         one-layer copy holding the layer's earlier keys and values as explicit inputs, and this
-        layer's cache entries are set from its outputs.
+        layer's cache entries are set from its outputs. The model draws no random numbers (no
+        dropout), so the recomputation needs no saved RNG state (on a GPU, a save per block).
         """
         if not (self.gradient_checkpointing and torch.is_grad_enabled()) or (cache is not None and cache.capacity):
             return block(x, mask, cache, layer)  # a preallocated cache is for sampling, without gradients
         if cache is None:
-            return checkpoint(block, x, mask, None, layer, use_reentrant=False)
+            return checkpoint(block, x, mask, None, layer, use_reentrant=False, preserve_rng_state=False)
         real, n_real, last_hidden, length, has_padding = cache.real, cache.n_real, cache.last_hidden, cache.length, \
             cache.has_padding
 
@@ -432,7 +445,7 @@ class Model(nn.Module):
             return y, layer_cache.keys[0], layer_cache.values[0]
 
         x, cache.keys[layer], cache.values[layer] = checkpoint(run, x, cache.keys[layer], cache.values[layer],
-                                                               use_reentrant=False)
+                                                               use_reentrant=False, preserve_rng_state=False)
         return x
 
     def _outputs(self, x: torch.Tensor, cache: KVCache | None, logits: bool) -> Output:

@@ -48,7 +48,7 @@ class Policy:
 
     @property
     def device(self) -> torch.device:
-        return self.model.wte.weight.device
+        return self.model.device
 
     @property
     def compute_dtype(self) -> torch.dtype:

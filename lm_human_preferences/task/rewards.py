@@ -24,8 +24,9 @@ class RewardModel(nn.Module):
             raise ValueError("the reward model's LM needs a 'reward' head")
         self.model = model
         self.encoding = encoding
-        self.gain = nn.Parameter(torch.ones(()))
-        self.bias = nn.Parameter(torch.zeros(()))
+        # On the LM's device: a reward model is never half on the CPU, whichever constructor built it.
+        self.gain = nn.Parameter(torch.ones((), device=model.device))
+        self.bias = nn.Parameter(torch.zeros((), device=model.device))
         self.precision = "auto"  # run.precision: auto / fp32 / bf16
         self.share_queries = True  # run.share_queries: a query repeated in a batch (best-of-N) runs once
         self._n_params = sum(p.numel() for p in model.parameters())
@@ -46,7 +47,7 @@ class RewardModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.gain.device
+        return self.model.device
 
     @property
     def compute_dtype(self) -> torch.dtype:

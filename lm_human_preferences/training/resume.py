@@ -110,4 +110,10 @@ def restore(state: State, optimizer: torch.optim.Optimizer, generators: dict[str
     optimizer.load_state_dict({"state": slots, "param_groups": groups})
     saved = _read(state.folder / f"rank{distributed.rank()}-{state.step:07d}.safetensors")
     for name, generator in generators.items():
+        if saved[name].numel() != generator.get_state().numel():  # each kind of device has its own generator
+            here = generator.device.type
+            there = "the CPU" if saved[name].numel() == torch.Generator().get_state().numel() else "a GPU"
+            raise UserError(f"{state.folder}: this run drew its random numbers on {there} and cannot resume exactly "
+                            f"on {'the CPU' if here == 'cpu' else 'a GPU'}; resume it on the kind of device it ran on, "
+                            "or start over with --run.overwrite on")
         generator.set_state(saved[name])

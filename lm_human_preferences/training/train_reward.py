@@ -163,6 +163,8 @@ class RewardModelTrainer:
                     self.extra["last_stats"] = stats
                     if self.step % hp.run.save_interval == 0 and self.step < hp.total_steps:
                         checkpoint()
+        # The gradients are spent: a reward model frozen for PPO would keep them (its size again) alive.
+        self.optimizer.zero_grad(set_to_none=True)
         return stats
 
     def new_round(self, hp: HParams, normalize_on: Policy | None = None) -> None:

@@ -111,6 +111,12 @@ def cpu_has_native_bf16() -> bool:
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
+def cuda_has_native_bf16() -> bool:
+    """Whether this GPU computes bf16 natively (Ampere and later). torch's own check by default also
+    counts GPUs that emulate it (V100, T4), where bf16 is slower than float32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def compute_dtype(device: torch.device, precision: str = "auto", n_params: int | None = None) -> torch.dtype:
     """The dtype of matrix products under `precision` (auto / fp32 / bf16; see CPU_BF16_MIN_PARAMS).
 
@@ -122,11 +128,11 @@ def compute_dtype(device: torch.device, precision: str = "auto", n_params: int |
     if precision == "fp32":
         return torch.float32
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_native_bf16():
             return torch.bfloat16
         if precision == "bf16":
-            raise UserError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(device)} does not support it; "
-                            "use precision auto or fp32")
+            raise UserError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(device)} has no native bf16 "
+                            "(emulated, it is slower than float32); use precision auto or fp32")
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
@@ -143,7 +149,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None = None):
     None: bf16 on CUDA GPUs that support it, full precision elsewhere.
     """
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" and cuda_has_native_bf16() else torch.float32
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -277,12 +283,20 @@ def rank_timeout() -> float:
     return value
 
 
-def _init(rank: int, world: int, local_rank: int, init_method: str) -> None:
+def process_group_options(local_rank: int) -> dict:
+    """init_process_group's backend and device: NCCL bound to this rank's GPU (so that NCCL knows its
+    device from the start, instead of guessing at the first collective), else gloo on the CPU."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=rank_timeout()))
+        return dict(backend="nccl", device_id=torch.device("cuda", local_rank % torch.cuda.device_count()))
+    return dict(backend="gloo")
+
+
+def _init(rank: int, world: int, local_rank: int, init_method: str) -> None:
+    options = process_group_options(local_rank)
+    if "device_id" in options:
+        torch.cuda.set_device(options["device_id"])
+    dist.init_process_group(init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=rank_timeout()), **options)
 
 
 def _free_port() -> int:

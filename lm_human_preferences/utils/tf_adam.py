@@ -38,6 +38,7 @@ class TFAdam(torch.optim.Adam):
         flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
         fused = _fused_supported(flat)
         super().__init__(params, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
+        self._host_steps: dict[torch.Tensor, int] = {}  # parameter -> Adam steps taken (see _steps_taken)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,15 +48,10 @@ class TFAdam(torch.optim.Adam):
                 loss = closure()
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
-            started = [p for p in with_grad if self.state.get(p)]
-            done = []  # steps taken so far, read in one device sync
-            if started:
-                device = self.state[started[0]]["step"].device
-                done = torch.stack([self.state[p]["step"].to(device, torch.float64) for p in started]).tolist()
-            steps = dict(zip(started, done))
+            steps = self._steps_taken(with_grad)
             by_step: dict[int, list[torch.Tensor]] = {}  # parameters on the same step share ε'
             for p in with_grad:
-                by_step.setdefault(int(steps.get(p, 0)) + 1, []).append(p)
+                by_step.setdefault(steps[p] + 1, []).append(p)
             all_params, tf_eps = group["params"], group["eps"]
             try:
                 for t, params in by_step.items():
@@ -67,7 +63,24 @@ class TFAdam(torch.optim.Adam):
                     torch.autograd.graph.increment_version(params)
             finally:
                 group["params"], group["eps"] = all_params, tf_eps
+            for p in with_grad:
+                self._host_steps[p] = steps[p] + 1
         return loss
+
+    def _steps_taken(self, params: list[torch.Tensor]) -> dict[torch.Tensor, int]:
+        """Each parameter's steps so far. ε' depends on them, and Adam keeps them on the device (the
+        fused kernel's `step` tensors): they are mirrored on the host, so a step reads nothing back
+        from the device; only parameters with state from a load are read, in one sync."""
+        unknown = [p for p in params if p not in self._host_steps and self.state.get(p)]
+        if unknown:
+            device = self.state[unknown[0]]["step"].device
+            read = torch.stack([self.state[p]["step"].to(device, torch.float64) for p in unknown]).tolist()
+            self._host_steps.update((p, int(n)) for p, n in zip(unknown, read))
+        return {p: self._host_steps.get(p, 0) for p in params}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._host_steps.clear()
 
     def _step_group(self, group: dict) -> None:
         """torch.optim.Adam's step for one group (its public step() iterates self.param_groups).
@@ -115,6 +128,10 @@ class WorkingCopy:
     Adam, its state, `.grad` as the trainers see it, and checkpoints stay float32.
     """
 
+    # The token lookup's gradient sparse (above). Tracing on fake tensors turns it off: sparse
+    # gradients have no fake kernels (tests/fake_cuda); the dense gradient has the same values.
+    sparse_lookup_gradient = True
+
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.model = model
         self.dtype = dtype
@@ -130,7 +147,7 @@ class WorkingCopy:
         wte = getattr(model, "wte", None)
         if isinstance(wte, nn.Embedding) and wte.weight.requires_grad and "wte_lowp" in model._buffers:
             self._add(model, "wte_lowp", True, wte.weight)
-            wte.sparse = True
+            wte.sparse = self.sparse_lookup_gradient
             wte.weight.register_post_accumulate_grad_hook(self._densify)
         self.refresh()
 

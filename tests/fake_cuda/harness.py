@@ -29,6 +29,14 @@ SHIM = Path(__file__).with_name("shim.cpp")
 PACKAGE = "lm_human_preferences"
 
 
+# Host reads answered otherwise than with 1 (True for a check), by call site: no rank asked to stop (the
+# signal number; a scenario that stops a run sets it).
+ANSWERS = {"training/stopping.py": 0.0}
+# Token ids a copy of device data to the host holds: below every vocabulary here (the `test` model's 27)
+# unless a scenario on a larger model says otherwise.
+HOST_TOKENS = 27
+
+
 class ShimUnavailable(Exception):
     """The shim cannot be built for the installed torch (no g++, no headers, an incompatible API)."""
 
@@ -76,9 +84,25 @@ def call_site() -> str:
     return f"{path}:{frame.lineno} ({frame.name})"
 
 
-def in_function(path_suffix: str, name: str) -> bool:
-    """Whether the current call stack passes through function `name` of a file ending in `path_suffix`."""
-    return any(f.filename.endswith(path_suffix) and f.name == name for f in traceback.extract_stack())
+def region() -> str:
+    """`@decode` inside sampling's decode loop (language/sample.py, from its `for step` line on),
+    `@minibatch` inside a PPO minibatch (train_policy.PPOTrainer.train_minibatch), else ''."""
+    frames = traceback.extract_stack()
+    for f in frames:
+        if f.filename.endswith("language/sample.py") and f.name == "sample" and f.lineno >= _decode_loop_line():
+            return "@decode"
+    if any(f.filename.endswith("training/train_policy.py") and f.name == "train_minibatch" for f in frames):
+        return "@minibatch"
+    return ""
+
+
+def _decode_loop_line() -> int:
+    import inspect
+
+    from lm_human_preferences.language import sample
+
+    lines, first = inspect.getsourcelines(sample.sample)
+    return first + next(i for i, line in enumerate(lines) if line.strip().startswith("for step in range("))
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import harness
 import torch
 
 from lm_human_preferences import experiments
@@ -42,9 +43,14 @@ def ppo_offline(workdir: Path, log) -> dict:
 
 
 def ppo_online(workdir: Path, log) -> dict:
-    """One online round: labels of the current policy's samples, the reward model trained further."""
-    launch("train_policy", "test", "online", "--save_dir", str(workdir), *PPO_FLAGS, "--rewards.online", "on",
-           "--rewards.online.interval", "16")
+    """One online round of mock_descriptiveness (the packaged model): labels of the current policy's
+    samples, the reward model trained further, PPO against it."""
+    harness.HOST_TOKENS = 7000  # the packaged kjv model's words, so that the mock labeler has some to count
+    launch("train_policy", "mock_descriptiveness", "online", "--save_dir", str(workdir), "--rewards.online", "on",
+           "--rewards.train_new_model.labels.num_train", "32", "--rewards.train_new_model.batch_size", "16",
+           "--rewards.train_new_model.normalize_samples", "16", "--rewards.train_new_model.rollout_batch_size", "16",
+           "--ppo.batch_size", "16", "--ppo.total_episodes", "32", "--rewards.online.interval", "16",
+           "--run.log_interval", "1")
     return {}
 
 
@@ -70,6 +76,7 @@ def stop_then_resume(workdir: Path, log) -> dict:
 
     def step(self, update):
         if update == 1:
+            harness.ANSWERS["training/stopping.py"] = float(signal.SIGTERM)  # every rank sees the stop
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, update)
 
@@ -79,18 +86,22 @@ def stop_then_resume(workdir: Path, log) -> dict:
         stopped = cli.main("launch", args)
     finally:
         train_policy.PPOTrainer.step = original
+        harness.ANSWERS["training/stopping.py"] = 0.0
     launch(*args)
     return {"stopped_code": stopped}
 
 
 def nccl_world(workdir: Path, log) -> dict:
-    """Rank 0 of a pretend 2-rank NCCL world: a new reward model and one reward-model step, one PPO update."""
+    """Rank 0 of a pretend 2-rank NCCL world: a new reward model and its training, one PPO update with
+    gradient checkpointing; and the process group's options for rank 1."""
     hp = experiments.TRAIN_POLICY["test"]()
-    hp.override_from_dict({"ppo": {"total_episodes": 16, "batch_size": 16}, "run": {"save_dir": str(workdir)}})
+    hp.override_from_dict({"ppo": {"total_episodes": 16, "batch_size": 16},
+                           "run": {"save_dir": str(workdir), "gradient_checkpointing": True}})
     hp.rewards.train_new_model.override_from_dict({"labels": {"num_train": 16}})
     hp.validate()
     train_policy.train(hp)
-    return {}
+    options = distributed.process_group_options(local_rank=1)
+    return {"backend": options["backend"], "device_id": str(options.get("device_id"))}
 
 
 def precision(workdir: Path, log) -> dict:

@@ -8,6 +8,7 @@ move to the device makes them fake. The JSON line: {"ok", "error", "syncs": {sit
 """
 
 import json
+import random
 import sys
 import traceback
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
+
+from lm_human_preferences.utils import tf_adam  # noqa: E402
 
 aten = torch.ops.aten
 GPU_NAME = "NVIDIA H100 80GB HBM3"
@@ -44,7 +47,8 @@ class Checks(TorchDispatchMode):
                 raise AssertionError(f"{harness.call_site()}: {func} on {wanted} was given a generator on "
                                      f"{generator.device.type} (a GPU refuses it)")
         if func.namespace == "c10d":
-            cpu = [tuple(t.shape) for t in tensors if t.device.type != "cuda"]
+            # A barrier's tensor is torch's own, made on the device the backend names (CPU for the fake one).
+            cpu = [tuple(t.shape) for t in tensors if t.device.type != "cuda" and func is not torch.ops.c10d.barrier.default]
             if self.nccl and cpu:
                 raise AssertionError(f"{harness.call_site()}: collective {func} got CPU tensors {cpu} (NCCL refuses them)")
             self.log.device_work = True
@@ -52,7 +56,10 @@ class Checks(TorchDispatchMode):
         if not fake and not on_cuda:
             return _run_real(func, args, kwargs, tensors)
         if func is aten._local_scalar_dense.default:
-            return self._read(args[0], _answer(args[0]))
+            site = harness.call_site()
+            return self._read(args[0], next((v for k, v in harness.ANSWERS.items() if site.startswith(k)), _answer(args[0])))
+        if func in (aten.allclose.default, aten.equal.default):  # a comparison read on the host
+            return self._read(args[0], True)
         if func is aten.nonzero.default or func is aten.nonzero_static.default:
             # Scripted: one row in four is nonzero (a best-of-4 batch's group starts).
             x = args[0]
@@ -61,9 +68,9 @@ class Checks(TorchDispatchMode):
         if func is aten._to_copy.default and _device(kwargs.get("device")) == "cpu" and args[0].device.type == "cuda":
             x = args[0]
             self._read(x, None)
-            with unset_fake_temporarily():
-                return torch.zeros(x.shape, dtype=kwargs.get("dtype") or x.dtype)
+            return _host_copy(x.shape, kwargs.get("dtype") or x.dtype)
         self.log.device_work = True
+        self.last_op = func
         # Real CPU tensors meeting fake ones become fake here (FakeTensorMode would run ops on small
         # ones for real, as constants, and a real op cannot reach "cuda").
         args, kwargs = tree_map(self._fake, (args, kwargs))
@@ -76,8 +83,21 @@ class Checks(TorchDispatchMode):
 
     def _read(self, tensor: torch.Tensor, value):
         if tensor.device.type == "cuda":
-            self.log.read(harness.call_site())
+            self.log.read(harness.call_site() + harness.region())
         return value
+
+
+_HOST_VALUES = torch.Generator().manual_seed(0)
+_HOST_INTS = random.Random(0)
+
+
+def _host_copy(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A real CPU tensor standing for a copy of device data: varied values (token ids below
+    harness.HOST_TOKENS), so that a mock labeler finds best responses, not only ties."""
+    with unset_fake_temporarily():
+        if dtype.is_floating_point:
+            return torch.rand(shape, generator=_HOST_VALUES).to(dtype)
+        return torch.randint(0, harness.HOST_TOKENS, shape, generator=_HOST_VALUES).to(dtype)
 
 
 def _device(device) -> str | None:
@@ -85,15 +105,42 @@ def _device(device) -> str | None:
 
 
 def _answer(tensor: torch.Tensor):
-    """The scripted value of a host read: every check passes (finite, no padding), numbers are 1."""
+    """The scripted value of a host read: every check passes (finite, no padding), floats are 1, and
+    integers varied (token ids: see _host_copy)."""
     if tensor.dtype == torch.bool:
         return True
-    return 1 if not tensor.dtype.is_floating_point else 1.0
+    if tensor.dtype.is_floating_point:
+        return 1.0
+    return _HOST_INTS.randrange(1, harness.HOST_TOKENS)
 
 
 def _run_real(func, args, kwargs, tensors):
     with unset_fake_temporarily():
         return func(*args, **kwargs)
+
+
+class _StrongMemo(dict):
+    """The converter's memo with strong references; a deep copy of a fake tensor (copy.deepcopy of a
+    model) reaches the mode through it and must share it, not copy it while it grows."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _StrongIdKeys(_StrongMemo):
+    """The describer's tensor and storage ids, keyed by identity and holding their keys strongly."""
+
+    def __contains__(self, key):
+        return super().__contains__(id(key))
+
+    def __getitem__(self, key):
+        return super().__getitem__(id(key))[1]
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __setitem__(self, key, value):
+        super().__setitem__(id(key), (key, value))
 
 
 class FakeCuda:
@@ -103,15 +150,19 @@ class FakeCuda:
         self.gpus, self.emulated_bf16 = gpus, emulated_bf16
 
     def __enter__(self):
-        cuda = torch.cuda
-        self.saved = {name: getattr(cuda, name) for name in self.answers()}
+        self.saved = [(torch.cuda, name, getattr(torch.cuda, name)) for name in self.answers()]
+        self.saved += [(torch, name, getattr(torch, name)) for name in ("tensor", "as_tensor")]
         for name, fn in self.answers().items():
-            setattr(cuda, name, fn)
+            setattr(torch.cuda, name, fn)
+        # torch.tensor(data, device="cuda") builds the tensor on the CPU and copies it inside C++, out of
+        # the dispatch modes' reach; the same two steps in Python let FakeTensorMode see the copy.
+        for name in ("tensor", "as_tensor"):
+            setattr(torch, name, _on_cpu_then_moved(getattr(torch, name)))
         return self
 
     def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.cuda, name, fn)
+        for owner, name, fn in self.saved:
+            setattr(owner, name, fn)
 
     def answers(self) -> dict:
         emulated = self.emulated_bf16
@@ -129,26 +180,51 @@ class FakeCuda:
         }
 
 
+def _on_cpu_then_moved(make):
+    def wrapped(data, *args, device=None, **kwargs):
+        made = make(data, *args, **kwargs)
+        return made if device is None else made.to(device)
+    return wrapped
+
+
+def _our_frames(e: BaseException) -> str:
+    """The traceback's frames outside torch (the project's and the trace's), then torch's last two."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "/site-packages/torch/" not in f.filename]
+    return "".join(traceback.format_list(ours + [f for f in frames[-2:] if f not in ours]))
+
+
 def run(scenario, workdir: Path, gpus: int = 1, nccl: bool = False, emulated_bf16: bool = False) -> dict:
     """Run `scenario(workdir)` under fake CUDA; what it found."""
+    tf_adam.WorkingCopy.sparse_lookup_gradient = False
     log = harness.Log()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # Module.to() swaps a fake parameter for its converted copy, which fails while the converter's memo
-    # holds a weak reference to it: a plain dict holds strong ones (the trace's tensors are small).
-    mode.fake_tensor_converter.meta_converter.tensor_memo = {}
+    # Module.to() swaps a fake parameter for its converted copy, which fails while the converter's memos
+    # hold weak references to it: these hold strong ones (the trace's tensors are small).
+    converter = mode.fake_tensor_converter.meta_converter
+    converter.tensor_memo = _StrongMemo()
+    converter.describer.lookup_tensor = _StrongIdKeys()
+    converter.describer.lookup_storage = _StrongIdKeys()
     result: dict = {"ok": True, "error": None}
     with FakeCuda(gpus, emulated_bf16):
         try:
             if nccl:
                 from torch.testing._internal.distributed.fake_pg import FakeStore
                 dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-            with mode, Checks(log, nccl, mode):
+                # Python objects (the seed) travel pickled in a byte tensor that the fake group cannot
+                # build; rank 0, the source, keeps its own objects.
+                broadcast_object_list = dist.broadcast_object_list
+                dist.broadcast_object_list = lambda objects, src=0, group=None, device=None: None
+            checks = Checks(log, nccl, mode)
+            with mode, checks:
                 extra = scenario(workdir, log)
             result.update(extra or {})
         except Exception as e:  # noqa: BLE001 - the trace reports every failure as data
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                      "traceback": "".join(traceback.format_tb(e.__traceback__, limit=-14))}
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "op": str(getattr(checks, "last_op", None)),
+                      "traceback": _our_frames(e)}
         finally:
+            if nccl:
+                dist.broadcast_object_list = broadcast_object_list
             if dist.is_initialized():
                 dist.destroy_process_group()
     result["syncs"] = dict(log.syncs)
