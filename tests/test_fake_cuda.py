@@ -31,14 +31,25 @@ def shim() -> Path:
         pytest.skip(f"fake CUDA shim cannot be built for this torch: {e}")
 
 
-def trace(shim: Path, scenario: str, workdir: Path) -> dict:
+@pytest.fixture(scope="module")
+def traced(shim, tmp_path_factory) -> dict[str, dict]:
+    """Every scenario, traced in one process (torch and the package imported once): scenario -> its result."""
     env = dict(os.environ, LD_PRELOAD=str(shim), PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(TRACE), scenario, str(workdir)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("TRACE ")]
-    assert lines, f"the trace printed no result (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    result = json.loads(lines[-1][len("TRACE "):])
+    done = subprocess.run([sys.executable, str(TRACE), str(tmp_path_factory.mktemp("fake_cuda"))],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("TRACE "):
+            result = json.loads(line[len("TRACE "):])
+            results[result["scenario"]] = result
+    assert results, f"the trace printed no result (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return results
+
+
+def trace(traced: dict, scenario: str) -> dict:
+    result = traced.get(scenario)
+    assert result is not None, f"{scenario} did not finish (the trace process died before it)"
     assert result["ok"], f"{scenario}: {result['error']}\n{result.get('traceback', '')}"
     return result
 
@@ -47,38 +58,38 @@ def minibatch_syncs(result: dict) -> int:
     return sum(n for site, n in result["syncs"].items() if "@minibatch" in site)
 
 
-def test_reward_model_step(shim, tmp_path):
-    trace(shim, "reward_step", tmp_path)
+def test_reward_model_step(traced):
+    trace(traced, "reward_step")
 
 
-def test_ppo_updates_offline_within_the_sync_budget(shim, tmp_path):
-    result = trace(shim, "ppo_offline", tmp_path)
+def test_ppo_updates_offline_within_the_sync_budget(traced):
+    result = trace(traced, "ppo_offline")
     per_minibatch = minibatch_syncs(result) / result["minibatches"]
     assert 0 < per_minibatch <= MINIBATCH_SYNC_BUDGET, result["syncs"]
     assert not [site for site in result["syncs"] if "@decode" in site], result["syncs"]
 
 
-def test_an_online_round(shim, tmp_path):
-    trace(shim, "ppo_online", tmp_path)
+def test_an_online_round(traced):
+    trace(traced, "ppo_online")
 
 
-def test_no_host_sync_inside_the_decode_loop(shim, tmp_path):
-    counts = trace(shim, "sampling", tmp_path)["sample_syncs"]
+def test_no_host_sync_inside_the_decode_loop(traced):
+    counts = trace(traced, "sampling")["sample_syncs"]
     assert counts["2"] == counts["6"], counts  # a sync per step would grow with the length
 
 
-def test_stop_then_resume(shim, tmp_path):
-    result = trace(shim, "stop_then_resume", tmp_path)
+def test_stop_then_resume(traced):
+    result = trace(traced, "stop_then_resume")
     assert result["stopped_code"] == 128 + 15
 
 
-def test_a_two_rank_nccl_world(shim, tmp_path):
-    result = trace(shim, "nccl_world", tmp_path)
+def test_a_two_rank_nccl_world(traced):
+    result = trace(traced, "nccl_world")
     assert (result["backend"], result["device_id"]) == ("nccl", "cuda:1")
 
 
-def test_auto_precision_skips_emulated_bf16(shim, tmp_path):
-    assert trace(shim, "precision_h100", tmp_path)["auto"] == "torch.bfloat16"
-    v100 = trace(shim, "precision_v100", tmp_path)
+def test_auto_precision_skips_emulated_bf16(traced):
+    assert trace(traced, "precision_h100")["auto"] == "torch.bfloat16"
+    v100 = trace(traced, "precision_v100")
     assert v100["auto"] == "torch.float32"
     assert v100["bf16"].startswith("refused") and "V100" in v100["bf16"]

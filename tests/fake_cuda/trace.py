@@ -1,10 +1,11 @@
 """Run one scenario of the project's own code on fake CUDA and print what it found as JSON.
 
-    LD_PRELOAD=<fake_cuda.so> python tests/fake_cuda/trace.py SCENARIO WORKDIR
+    LD_PRELOAD=<fake_cuda.so> python tests/fake_cuda/trace.py WORKDIR [SCENARIO ...]   (default: all)
 
 Started by tests/test_fake_cuda.py, which builds the shim (harness.build_shim). CPU work runs for real;
 only what is on "cuda" is fake, so the models are built and loaded as on a GPU machine and only their
-move to the device makes them fake. The JSON line: {"ok", "error", "syncs": {site: n}, "reads", ...}.
+move to the device makes them fake. A JSON line a scenario: {"scenario", "ok", "error", "syncs": {site: n},
+"reads", ...}: device→host reads by call site (and region: @decode, @minibatch), and the scenario's own facts.
 """
 
 import json
@@ -197,6 +198,7 @@ def _our_frames(e: BaseException) -> str:
 def run(scenario, workdir: Path, gpus: int = 1, nccl: bool = False, emulated_bf16: bool = False) -> dict:
     """Run `scenario(workdir)` under fake CUDA; what it found."""
     tf_adam.WorkingCopy.sparse_lookup_gradient = False
+    harness.HOST_TOKENS, harness.ANSWERS["training/stopping.py"] = 27, 0.0  # as a scenario before may have left them
     log = harness.Log()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # Module.to() swaps a fake parameter for its converted copy, which fails while the converter's memos
@@ -235,6 +237,8 @@ def run(scenario, workdir: Path, gpus: int = 1, nccl: bool = False, emulated_bf1
 if __name__ == "__main__":
     import scenarios
 
-    name, workdir = sys.argv[1], Path(sys.argv[2])
-    scenario, options = scenarios.ALL[name]
-    print("TRACE " + json.dumps(run(scenario, workdir, **options)))
+    root = Path(sys.argv[1])
+    for name in sys.argv[2:] or scenarios.ALL:
+        scenario, options = scenarios.ALL[name]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        print("TRACE " + json.dumps(dict(run(scenario, root / name, **options), scenario=name)), flush=True)
