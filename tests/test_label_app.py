@@ -588,8 +588,9 @@ def test_counters_kept_as_answers_come_equal_a_recount(tmp_path):
                 queue.undo(session)
             elif qid is not None:
                 queue.skip(session, qid) if rng.random() < 0.2 else queue.label(session, qid, rng.randrange(4))
-            labels = {i: [a.label for a in queue.assignment.answers.get(i, []) if a.label is not None] for i in range(30)}
-            complete = [i for i in range(30) if len(queue.assignment.answers.get(i, [])) >= (2 if queue.overlapped(i) else 1)]
+            answers = {i: queue.assignment.answers.get(i, []) for i in range(30)}
+            labels = {i: [a.label for a in answers[i] if a.label is not None] for i in range(30)}
+            complete = [i for i in range(30) if len(answers[i]) >= (2 if queue.overlapped(i) else 1)]
             assert queue.progress() == dict(questions=30, labelled=sum(bool(ls) for ls in labels.values()),
                                             skipped=sum(not labels[i] for i in complete), complete=len(complete),
                                             overlapped=sum(queue.overlapped(i) for i in range(30)))
