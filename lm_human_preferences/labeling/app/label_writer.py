@@ -63,8 +63,9 @@ class Snapshot:
 
 
 class LabelWriter:
-    """Writes the label files of the database `store` as `snapshot()` (called with no lock held)
-    says they are now, after each `stale()`; `stale`: they are not yet written as they are."""
+    """Writes the label files from the database `store`, with the labels `snapshot()` gives, after
+    each `stale()`. `snapshot` is called holding none of the writer's locks (it takes the queue's).
+    `stale` (when opened): the files on disk are not those of the database as it is."""
 
     def __init__(self, out: Path, paths: dict[str, Path], label_type: label_types.LabelType, with_overlap: bool,
                  write_interval_s: float, store: Store, snapshot: Callable[[], Snapshot], stale: bool):
