@@ -13,8 +13,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,10 +118,18 @@ def stored_events(out: Path) -> list[tuple]:
         return db.execute("SELECT kind, question FROM events ORDER BY seq").fetchall()
 
 
-def written(queue: LabelQueue) -> list[dict]:
-    """The label file once the queue wrote what it holds (it does so within seconds by itself)."""
-    queue.flush()
-    return json.loads(queue.out.read_text())
+def eventually(read: Callable[[], Any], expected: Any, wait_s: float = 60.0) -> Any:
+    """`read()` once it gives `expected` (the queue writes its files within seconds by itself), or
+    what it gives after `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def written(queue: LabelQueue, expected: list[dict]) -> list[dict]:
+    """The label file once it holds `expected`, or as it is after a while."""
+    return eventually(lambda: json.loads(queue.out.read_text()) if queue.out.exists() else None, expected)
 
 
 def test_label_skip_undo_and_the_file(tmp_path):
@@ -138,7 +148,8 @@ def test_label_skip_undo_and_the_file(tmp_path):
         client.label(3)
         status, state = client.post("/api/undo", {})  # takes back the 3 on question 2
         assert status == 200 and state["question"]["id"] == 2
-        assert written(queue) == expected_records(queue, [(0, 1)])  # the undo is in the file too
+        expected = expected_records(queue, [(0, 1)])
+        assert written(queue, expected) == expected  # the undo is in the file too
         client.label(0)
         status, state = client.post("/api/undo", {})
         status, state = client.post("/api/undo", {})  # and the skip of question 1
@@ -147,7 +158,7 @@ def test_label_skip_undo_and_the_file(tmp_path):
         client.label(2)  # question 2 again
         assert client.state()["question"]["id"] == 3
         answers = [(0, 1), (1, 2), (2, 2)]
-        assert written(queue) == expected_records(queue, answers)
+        assert written(queue, expected_records(queue, answers)) == expected_records(queue, answers)
         assert state["progress"]["questions"] == 6
 
     labels = load_for_training(out)
@@ -577,8 +588,9 @@ def test_counters_kept_as_answers_come_equal_a_recount(tmp_path):
                 queue.undo(session)
             elif qid is not None:
                 queue.skip(session, qid) if rng.random() < 0.2 else queue.label(session, qid, rng.randrange(4))
-            labels = {i: [a.label for a in queue.answers.get(i, []) if a.label is not None] for i in range(30)}
-            complete = [i for i in range(30) if len(queue.answers.get(i, [])) >= (2 if queue.overlapped(i) else 1)]
+            answers = {i: queue.assignment.answers.get(i, []) for i in range(30)}
+            labels = {i: [a.label for a in answers[i] if a.label is not None] for i in range(30)}
+            complete = [i for i in range(30) if len(answers[i]) >= (2 if queue.overlapped(i) else 1)]
             assert queue.progress() == dict(questions=30, labelled=sum(bool(ls) for ls in labels.values()),
                                             skipped=sum(not labels[i] for i in complete), complete=len(complete),
                                             overlapped=sum(queue.overlapped(i) for i in range(30)))

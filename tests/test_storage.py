@@ -131,6 +131,39 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(http_server, tmp_path, mo
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_file_written_in_parts_goes_to_disk_as_it_is_written(tmp_path, monkeypatch):
+    """Every SYNC_BYTES the data so far is synced (fdatasync), then the whole file: fsync when
+    durable, else fdatasync; parts that fail half way leave the old file and nothing else."""
+    calls = []
+
+    def recorded(name: str):
+        real = getattr(os, name)
+
+        def sync(fd: int) -> None:
+            calls.append((name, os.fstat(fd).st_size))  # (which sync, the bytes written so far)
+            real(fd)
+        return sync
+
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, recorded(name))
+    target = tmp_path / "labels.json"
+    block = b"x" * (storage.SYNC_BYTES // 2)
+    storage.atomic_write_parts(target, [block] * 5)
+    half = len(block)
+    assert calls == [("fdatasync", 2 * half), ("fdatasync", 4 * half), ("fsync", 5 * half)]
+    calls.clear()
+    storage.atomic_write_parts(target, [b"[", b"1", b"]"], durable=False)
+    assert target.read_bytes() == b"[1]" and calls == [("fdatasync", 3)]
+
+    def failing():
+        yield b"[2"
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(UserError, match=f"cannot write {re.escape(str(target))} \\(Input/output error\\)"):
+        storage.atomic_write_parts(target, failing())
+    assert target.read_bytes() == b"[1]" and [p.name for p in tmp_path.iterdir()] == ["labels.json"]
+
+
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "sub" / "f.json"
     storage.atomic_write_text(target, "old")

@@ -77,6 +77,7 @@ import numpy as np
 import torch
 
 from lm_human_preferences.labeling import collect, label_files, label_types, mock_labelers, sources
+from lm_human_preferences.labeling.app import label_writer
 from lm_human_preferences.labeling.app import queue as label_queue
 from lm_human_preferences.labeling.app import web
 from lm_human_preferences.labeling.app.people import PeopleLabeler
@@ -188,7 +189,7 @@ def collect_round(policy: Policy, task: lm_tasks.TaskHParams, label_type: label_
         asked += len(batch)
         for question, label in zip(batch, labeler.answer(batch)):
             if label is not None and len(records) < need:
-                records.append(label_queue.record(label_type, question, label))
+                records.append(label_writer.record(label_type, question, label))
         batch = []
     return records, asked
 

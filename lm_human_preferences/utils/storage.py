@@ -37,7 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
@@ -424,23 +424,45 @@ def _check_complete(partial: Path, suffix: str) -> None:
         raise _Retryable(f"the body came without Content-Length and is not a complete {suffix} file")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one."""
+SYNC_BYTES = 4 << 20  # a file written in parts goes to disk in steps of this many bytes (see atomic_write_parts)
+
+
+def atomic_write_parts(path: Path, parts: Iterable[bytes], durable: bool = True,
+                       when_full: str = "free space and run again") -> None:
+    """Write the byte strings `parts` to `path` so that readers see either the old file or the whole new one.
+
+    The data goes to disk every SYNC_BYTES as it is written: a file system that orders data before
+    metadata (ext4) would otherwise make the next fsync of another file on it (the labeling app's
+    database) wait for the whole file, and stall whoever waits on that. `durable`: the file's
+    metadata is fsynced too, not only its data (fdatasync). `when_full`: the advice of the error a
+    full disk gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         with open(partial, "wb") as out:
-            out.write(data)
+            unsynced = 0
+            for part in parts:
+                if unsynced >= SYNC_BYTES:
+                    out.flush()
+                    os.fdatasync(out.fileno())
+                    unsynced = 0
+                out.write(part)
+                unsynced += len(part)
             out.flush()
-            os.fsync(out.fileno())
+            (os.fsync if durable else os.fdatasync)(out.fileno())
         os.replace(partial, path)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"disk full while writing {path}; free space and run again") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {path}; {when_full}") from None
         raise UserError(f"cannot write {path} ({e.strerror})") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    atomic_write_parts(path, [data])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

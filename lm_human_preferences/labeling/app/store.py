@@ -11,14 +11,15 @@ Tables:
 The database is in WAL mode with `synchronous=FULL`: a commit is on disk (fsynced) when it
 returns, at a cost that does not grow with the number of answers, and a killed process loses
 nothing committed. Events are written into an open transaction (`begin`, `append`) that
-`commit` ends: queue.py commits the answers that arrived during one fsync together in the
+`commit` ends: `GroupCommit` commits the answers that arrived during one fsync together in the
 next, and confirms none before its commit returned. The label files are derived from it.
 """
 
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lm_human_preferences.labeling.app import questions
@@ -98,9 +99,7 @@ class Store:
             self.db.execute("ROLLBACK")
 
     def add_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
-        self._insert_questions(first_id, items, records)
-
-    def _insert_questions(self, first_id: int, items: list[questions.Item], records: list[str]) -> None:
+        """Questions and their label record prefixes, in the open transaction."""
         self.db.executemany("INSERT INTO questions VALUES (?, ?)",
                             ((first_id + i, item_json(it)) for i, it in enumerate(items)))
         self.db.executemany("INSERT INTO records VALUES (?, ?)", ((first_id + i, r) for i, r in enumerate(records)))
@@ -113,7 +112,7 @@ class Store:
 
     def migrate(self, items: list[questions.Item], records: list[str], events: list[dict], source: str) -> None:
         """A journal's questions and events, within the caller's transaction (so all or none)."""
-        self._insert_questions(0, items, records)
+        self.add_questions(0, items, records)
         self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
                             ((e["seq"], e["event"], e.get("id"), e["session"], e.get("label"), e.get("undo"),
                               e.get("time", 0.0)) for e in events))
@@ -123,6 +122,9 @@ class Store:
 
     def count_questions(self) -> int:
         return self.db.execute("SELECT count(*) FROM questions").fetchone()[0]
+
+    def count_events(self) -> int:
+        return self.db.execute("SELECT count(*) FROM events").fetchone()[0]
 
     def question(self, qid: int) -> questions.Item:
         row = self.db.execute("SELECT item FROM questions WHERE id = ?", (qid,)).fetchone()
@@ -148,6 +150,71 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+class GroupCommit:
+    """Writes into the store's open transaction, committed by a thread of its own: the writes that
+    come while one commit is fsynced go together in the next, and none is confirmed before its
+    commit returned.
+
+    `lock` is the caller's. It guards the connection (not thread-safe) and the caller's state,
+    which already holds what the open transaction holds: `write` and `wait` are called with it
+    held, and the commit runs under it. After a failed commit (rolled back) `reload` runs, for the
+    state to forget the writes that were not committed; after every commit, `committed`.
+    """
+
+    def __init__(self, store: Store, lock: threading.Condition, reload: Callable[[], None],
+                 committed: Callable[[], None]):
+        self.store, self.lock, self.reload, self.committed = store, lock, reload, committed
+        self._written = self._durable = 0  # writes into the open transaction; of them, committed
+        self._failed: list[tuple[int, int, str]] = []  # (after, up to, why) of writes whose commit failed
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="label-commits", daemon=True)
+        self._thread.start()
+
+    def write(self, write: Callable[[], None]) -> int:
+        """`write` into the open transaction; the ticket to `wait` for."""
+        try:
+            self.store.begin()
+            write()
+        except sqlite3.Error as e:
+            raise self._error(str(e)) from None
+        self._written += 1
+        return self._written
+
+    def wait(self, ticket: int) -> None:
+        """Return once write `ticket` is committed (others take the lock meanwhile); raise if its commit failed."""
+        self.lock.wait_for(lambda: self._durable >= ticket)
+        for after, upto, why in self._failed:
+            if after < ticket <= upto:
+                raise self._error(why)
+
+    def close(self) -> None:
+        """Commit what was written, and stop."""
+        with self.lock:
+            self._closing = True
+            self.lock.notify_all()
+        self._thread.join()
+
+    def _error(self, why: str) -> UserError:
+        advice = "free space and answer again" if "full" in why else "the database is damaged"
+        return UserError(f"cannot record this in {self.store.path} ({why}); {advice}")
+
+    def _loop(self) -> None:
+        with self.lock:
+            while True:
+                self.lock.wait_for(lambda: self._written > self._durable or self._closing)
+                if self._written == self._durable:
+                    return
+                upto = self._written
+                try:
+                    self.store.commit()
+                except sqlite3.Error as e:  # none of these writes is confirmed, and the state forgets them
+                    self.store.rollback()
+                    self._failed.append((self._durable, upto, str(e)))
+                    self.reload()
+                self._durable = upto
+                self.committed()
 
 
 class _Transaction:

@@ -33,7 +33,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from lm_human_preferences.labeling import label_types, mock_labelers, sources
-from lm_human_preferences.labeling.app.queue import BadAnswer, Closed, Conflict, LabelQueue
+from lm_human_preferences.labeling.app.assignment import BadAnswer, Conflict
+from lm_human_preferences.labeling.app.queue import Closed, LabelQueue
 from lm_human_preferences.utils.errors import UserError
 
 STATIC = Path(__file__).resolve().parent / "static"
