@@ -91,6 +91,9 @@ def parse_kind(name: str) -> Kind:
     raise ValueError(f"unknown cell kind {name!r}")
 
 
+_CELL_NAME = re.compile(r"(?P<experiment>[^-]+)-s(?P<seed>\d+)-(?P<kind>.+)")
+
+
 @dataclass(frozen=True)
 class Cell:
     experiment: str
@@ -104,6 +107,14 @@ class Cell:
     @classmethod
     def of(cls, experiment: str, seed: int, kind: Kind) -> "Cell":
         return cls(experiment, seed, kind.name)
+
+    @classmethod
+    def from_name(cls, name: str) -> "Cell":
+        """The cell a name spells (a run folder's or a record's, without .json)."""
+        match = _CELL_NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a cell's name (<experiment>-s<seed>-<kind>)")
+        return cls(match["experiment"], int(match["seed"]), match["kind"])
 
     @property
     def name(self) -> str:
