@@ -17,7 +17,7 @@ from lm_human_preferences.training import train_policy
 from lm_human_preferences.utils import save_folders
 
 from .cells import Cell
-from .records import DONE_FILE, MEASURED_FILE, STRENGTH_FILE, kept, read_record, write_json, write_record
+from .records import DONE_FILE, MEASURED_FILE, STRENGTH_FILE, from_run_or_record, once
 
 
 def initial_policy(task: lm_tasks.TaskHParams) -> Policy:
@@ -72,18 +72,14 @@ def measure_folder(cell: Cell, keep: Path) -> dict:
 
 
 def measure(cell: Cell, keep: Path, record: Path) -> dict | None:
-    """The cell's measurements with its KL target: computed once from its kept run and recorded, or
-    read from its record when the run is not kept; None if neither."""
-    folder = keep / cell.name
-    if not kept(cell, keep):
-        return read_record(cell, record).get("findings")
-    path = folder / MEASURED_FILE
-    if not path.exists():
-        write_json(path, measure_folder(cell, keep))
-    hp = json.loads((folder / save_folders.POLICY_HPARAMS).read_text())
-    findings = {**json.loads(path.read_text()), "kl_target": (hp["rewards"]["adaptive_kl"] or {}).get("target")}
-    write_record(cell, record, "findings", findings)
-    return findings
+    """The cell's measurements (measure_folder, computed once) with its KL target, from its kept run
+    and recorded, or from its record when the run is not kept; None if neither."""
+    def measured(folder: Path) -> dict:
+        hp = json.loads((folder / save_folders.POLICY_HPARAMS).read_text())
+        return {**once(folder / MEASURED_FILE, lambda: measure_folder(cell, keep)),
+                "kl_target": (hp["rewards"]["adaptive_kl"] or {}).get("target")}
+
+    return from_run_or_record(cell, keep, record, "findings", measured)
 
 
 # -- the online overshoot: how strong the reward is, round by round
@@ -148,14 +144,6 @@ def reward_strength(cell: Cell, keep: Path) -> list[dict]:
 
 
 def strength(cell: Cell, keep: Path, record: Path) -> list[dict] | None:
-    """reward_strength, computed once from the kept run and recorded, or read from the record;
-    None if neither."""
-    folder = keep / cell.name
-    if not kept(cell, keep):
-        return read_record(cell, record).get("reward_strength")
-    path = folder / STRENGTH_FILE
-    if not path.exists():
-        write_json(path, reward_strength(cell, keep))
-    found = json.loads(path.read_text())
-    write_record(cell, record, "reward_strength", found)
-    return found
+    """reward_strength (computed once) from the kept run and recorded, or from the record; None if neither."""
+    return from_run_or_record(cell, keep, record, "reward_strength",
+                              lambda folder: once(folder / STRENGTH_FILE, lambda: reward_strength(cell, keep)))

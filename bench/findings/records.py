@@ -4,7 +4,9 @@ measurements under "findings" (and the online overshoot's under "reward_strength
 only copy once DIR is gone, so it is written whole or not at all, in `write_record` alone."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lm_human_preferences.utils import storage
 
@@ -42,3 +44,20 @@ def write_record(cell: Cell, record: Path, key: str, value) -> None:
     if entries.get(key) == value:
         return
     storage.atomic_write_text(record / f"{cell.name}.json", json.dumps({**entries, key: value}, indent=1) + "\n")
+
+
+def once(path: Path, compute: Callable[[], Any]) -> Any:
+    """The JSON in `path`, computed and written there first if it is missing."""
+    if not path.exists():
+        write_json(path, compute())
+    return json.loads(path.read_text())
+
+
+def from_run_or_record(cell: Cell, keep: Path, record: Path, key: str, measured: Callable[[Path], Any]) -> Any:
+    """`measured(DIR/<cell>)` if the cell's run is kept, recorded as the record's `key`; else the
+    record's `key`; None if neither."""
+    if not kept(cell, keep):
+        return read_record(cell, record).get(key)
+    value = measured(keep / cell.name)
+    write_record(cell, record, key, value)
+    return value
