@@ -3,17 +3,18 @@
 is a typed value; this module alone spells a kind as its name and parses the name back.
 
 Kinds and their names:
-    Labels(n)              labels-N          PPO at TARGET on a reward model trained first from N labels
-    Labels(n, True)        distinct-labels-N   … from N labels of the saturating labeler (`<labeler>_distinct`)
-    Ceiling()              ceiling           PPO at TARGET on the labeler's own score
-    KLSweep(t)             kl-T              PPO at KL target T on the sweep's reward model (kl-off: no penalty)
-    KLSweep(t, True)       distinct-kl-T     … on the saturating labeler's sweep reward model
-    Online(mode, rescaled) online-MODE[-rescaled]   online labels (`normalize_on MODE`), kl_coef rescaled or not
+    Labels(n)               labels-N                PPO at TARGET on a reward model trained first from N labels
+    Labels(n, True)         distinct-labels-N       … from N labels of the saturating labeler (`<labeler>_distinct`)
+    Ceiling()               ceiling                 PPO at TARGET on the labeler's own score
+    KLSweep(t)              kl-T, kl-off            PPO at KL target T (None: no penalty) on the sweep's reward model
+    KLSweep(t, True)        distinct-kl-T, …-off    … on the saturating labeler's sweep reward model
+    Online(mode, rescaled)  online-MODE[-rescaled]  online labels (`normalize_on MODE`), kl_coef rescaled or not
 """
 
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 EXPERIMENTS = ("mock_sentiment", "mock_descriptiveness")
 HORIZON = 640  # episodes: kl_coef can change by up to e^±2 over 6,400 episodes (1 ± 0.2 · 64/640 per update)
@@ -41,8 +42,8 @@ class Labels:
 class Ceiling:
     """PPO at TARGET on the labeler's own score (normalized as a reward model is)."""
 
-    distinct = False
-    name = "ceiling"
+    distinct: ClassVar[bool] = False
+    name: ClassVar[str] = "ceiling"
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Online:
 
     normalize_on: str
     rescaled: bool = False
-    distinct = False
+    distinct: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
