@@ -97,6 +97,9 @@ _CELL_NAME = re.compile(r"(?P<experiment>[^-]+)-s(?P<seed>\d+)-(?P<kind>.+)")
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of the grid. Made from its kind's name (`Cell(e, seed, "kl-off")`, as the records and
+    --kinds spell it) or from a kind (`Cell.of(e, seed, KLSweep(None))`); a name no kind spells is refused."""
+
     experiment: str
     seed: int
     kind: str  # the kind's name, as the records, the run folders and --kinds spell it
