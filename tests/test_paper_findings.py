@@ -1,8 +1,9 @@
-"""bench/paper_findings.py's bookkeeping: the grid's order, each cell's flags, kept cells read back
-into tables and plots, and the ceiling's reward function. No learning is asserted here."""
+"""bench/paper_findings.py's bookkeeping (bench/findings/): the grid's order, each cell's flags, kept cells
+read back into tables and plots, and the ceiling's reward function. No learning is asserted here."""
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("paper_findings", ROOT / "bench" / "paper_findings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The bench's package, bench/findings/ (bench/ is not installed: the repository's root goes on sys.path)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("bench.findings")
 
 
 def test_the_grid_runs_seed_by_seed_and_each_sweep_after_its_reward_model(bench):

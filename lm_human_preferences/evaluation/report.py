@@ -20,16 +20,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing import event_accumulator
 
-from lm_human_preferences.utils import save_folders as files
+from lm_human_preferences.utils import save_folders
 from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
 
 Scalars = dict[str, dict[int, float]]  # tag -> step -> value
 Series = tuple[str, list[float], list[float]]  # legend label, x, y
 
-REPORT_FILE, PLOT_DIR = files.REPORT, files.REPORT_PLOTS
-HPARAMS_FILES = (files.REWARD_HPARAMS, files.POLICY_HPARAMS)
-RUN_FILES = (*HPARAMS_FILES, files.REWARD_SUMMARY, files.MOCK_SUMMARY, files.SAMPLES, files.TENSORBOARD)
+REPORT_FILE, PLOT_DIR = save_folders.REPORT, save_folders.REPORT_PLOTS
+HPARAMS_FILES = (save_folders.REWARD_HPARAMS, save_folders.POLICY_HPARAMS)
+RUN_FILES = (*HPARAMS_FILES, save_folders.REWARD_SUMMARY, save_folders.MOCK_SUMMARY, save_folders.SAMPLES,
+             save_folders.TENSORBOARD)
 FIGSIZE, DPI = (6, 3.2), 90
 NORM_COLUMNS = ["mean_before", "std_before", "target_mean", "target_std", "gain", "bias", "mean_after", "std_after"]
 
@@ -109,9 +110,9 @@ def read_event_file(path: Path) -> tuple[float, Scalars]:
 
 def read_scalars(folder: Path, notes: list[str], why_missing: str) -> Scalars:
     """All scalars under `folder`, event files merged by step in the order they were written (later ones win)."""
-    files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
+    event_files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
     loaded = []
-    for path in files:
+    for path in event_files:
         try:
             loaded.append(read_event_file(path))
         except Exception as error:  # a damaged file must not cost the rest of the report
@@ -121,7 +122,7 @@ def read_scalars(folder: Path, notes: list[str], why_missing: str) -> Scalars:
         for tag, values in scalars.items():
             merged.setdefault(tag, {}).update(values)
     if not merged:
-        found = f"{len(files)} event file(s) without scalars" if files else "no event files"
+        found = f"{len(event_files)} event file(s) without scalars" if event_files else "no event files"
         notes.append(f"no logs in {folder.name}: {found} ({why_missing})")
     return merged
 
@@ -270,10 +271,10 @@ def ppo_section(page: Page, scalars: Scalars, policy_hparams: Any, notes: list[s
 def seeds(hparams: dict[str, Any]) -> list[tuple[str, Any]]:
     """(which, seed) for each run found; the reward model's own seed inside train_policy's hparams counts too."""
     found = [(what, dig(hparams.get(name), "run", "seed"))
-             for name, what in ((files.REWARD_HPARAMS, "reward model"), (files.POLICY_HPARAMS, "policy"))
+             for name, what in ((save_folders.REWARD_HPARAMS, "reward model"), (save_folders.POLICY_HPARAMS, "policy"))
              if name in hparams]
-    nested = dig(hparams.get(files.POLICY_HPARAMS), "rewards", "train_new_model")
-    if files.REWARD_HPARAMS not in hparams and isinstance(nested, dict):
+    nested = dig(hparams.get(save_folders.POLICY_HPARAMS), "rewards", "train_new_model")
+    if save_folders.REWARD_HPARAMS not in hparams and isinstance(nested, dict):
         found.insert(0, ("reward model", dig(nested, "run", "seed")))
     return found
 
@@ -371,18 +372,19 @@ def render(folder: Path, page: Page) -> str:
     """The whole page; each section ends with notes on what it lacks."""
     hparams_notes, reward_notes, ppo_notes, mock_notes, sample_notes = [], [], [], [], []
     hparams = read_hparams(folder, hparams_notes)
-    reward_summary = read_json(folder / files.REWARD_SUMMARY, reward_notes,
+    reward_summary = read_json(folder / save_folders.REWARD_SUMMARY, reward_notes,
                                "reward training did not finish, or this run loaded a trained reward model")
-    reward_tb = read_scalars(folder / files.TENSORBOARD / files.REWARD_MODEL, reward_notes, "no reward model was trained in this "
+    logs = folder / save_folders.TENSORBOARD
+    reward_tb = read_scalars(logs / save_folders.REWARD_MODEL, reward_notes, "no reward model was trained in this "
                              "run folder, or it stopped before its first batch")
-    ppo_tb = read_scalars(folder / files.TENSORBOARD / files.PPO_LOG, ppo_notes, "the run may have stopped before its first update, "
+    ppo_tb = read_scalars(logs / save_folders.PPO_LOG, ppo_notes, "the run may have stopped before its first update, "
                           "or it only trained a reward model")
-    mock = read_json(folder / files.MOCK_SUMMARY, mock_notes, "only offline demo runs on mock labels have one")
+    mock = read_json(folder / save_folders.MOCK_SUMMARY, mock_notes, "only offline demo runs on mock labels have one")
     sections = [
         safely("Summary", lambda: headline(mock, reward_summary, ppo_tb, seeds(hparams)) + notes_html(mock_notes)),
         safely("Reward model", lambda: reward_section(page, reward_summary, reward_tb, reward_notes)),
-        safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(files.POLICY_HPARAMS), ppo_notes)),
-        safely("Samples", lambda: samples_section(mock, folder / files.SAMPLES, sample_notes)),
+        safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(save_folders.POLICY_HPARAMS), ppo_notes)),
+        safely("Samples", lambda: samples_section(mock, folder / save_folders.SAMPLES, sample_notes)),
         safely("Hyperparameters", lambda: hparams_section(hparams, hparams_notes)),
     ]
     title = html.escape(f"Run report: {folder.resolve().name}")

@@ -7,6 +7,10 @@ those queries on which it prefers the trained policy's response (ties count half
 paper reported its results.
 """
 
+from dataclasses import dataclass
+
+import torch
+
 from lm_human_preferences.labeling import mock_labelers
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.task.policy import Policy, load_policy
@@ -16,18 +20,65 @@ from lm_human_preferences.utils import distributed, logging
 VERDICT_QUERIES = 256
 
 
+@dataclass(frozen=True)
+class BeforeAfter:
+    """The initial (`before`) and the trained policy's (`after`) responses to the same test queries,
+    each sampled with the same random numbers: as sampled (`rollouts`: Policy.respond's tokens and
+    their log-probs), truncated as the task says (`responses`), and decoded (`texts`)."""
+
+    queries: torch.Tensor
+    query_texts: list[str]
+    rollouts: dict[str, dict]
+    responses: dict[str, torch.Tensor]
+    texts: dict[str, list[str]]
+
+
+@torch.no_grad()
+def sample_before_after(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, seed: int,
+                        n_queries: int = VERDICT_QUERIES) -> BeforeAfter:
+    """Both policies' responses to the first `n_queries` test queries, sampled from `seed`."""
+    queries = next(lm_tasks.query_batches(task, policy.encoding, n_queries, mode="test", device=policy.device))
+    decode = policy.encoding.decode
+    rollouts, responses, texts = {}, {}, {}
+    for name, p in (("before", ref_policy), ("after", policy)):
+        rollouts[name] = p.respond(queries, task.response_length, torch.Generator(policy.device).manual_seed(seed))
+        responses[name] = lm_tasks.postprocess_responses(task, rollouts[name]["responses"], p.encoding.padding_token)
+        texts[name] = [decode(r) for r in responses[name].tolist()]
+    return BeforeAfter(queries, [decode(q) for q in queries.tolist()], rollouts, responses, texts)
+
+
+@torch.no_grad()
+def kl_from_initial(ref_policy: Policy, samples: BeforeAfter) -> float:
+    """The trained policy's KL from the initial one, estimated on its own samples: the sum over
+    response tokens of log π − log π_ref, averaged over the queries."""
+    after = samples.rollouts["after"]
+    ref_logprobs = ref_policy.analyze_responses(samples.queries, after["responses"], entropies=False)["logprobs"]
+    return (after["logprobs"] - ref_logprobs).sum(1).mean().item()
+
+
+def labeler_scores(labeler_name: str, samples: BeforeAfter) -> tuple[list[float], list[float]]:
+    """The labeler's score of each query's response before and after."""
+    judge = mock_labelers.get(labeler_name)
+    before, after = ([judge(q, r) for q, r in zip(samples.query_texts, samples.texts[name])]
+                     for name in ("before", "after"))
+    return before, after
+
+
+def win_rate(before: list[float], after: list[float]) -> float:
+    """The share of queries on which the labeler prefers the response after (ties count half)."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(after, before)) / len(before)
+
+
 def verdict(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, labeler_name: str, seed: int,
             n_queries: int = VERDICT_QUERIES) -> dict:
     """The labeler's mean score before and after, the win rate, and (query, before, after) samples."""
-    judge = mock_labelers.get(labeler_name)
-    samples = train_policy.before_after_samples(policy, ref_policy, task, seed, n_queries)
-    before = [judge(q, b) for q, b, _ in samples]
-    after = [judge(q, a) for q, _, a in samples]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(after, before))
+    samples = sample_before_after(policy, ref_policy, task, seed, n_queries)
+    before, after = labeler_scores(labeler_name, samples)
     shown = [dict(query=q, before=b, before_score=bs, after=a, after_score=as_)
-             for (q, b, a), bs, as_ in zip(samples[:3], before, after)]
+             for q, b, a, bs, as_ in zip(samples.query_texts[:3], samples.texts["before"], samples.texts["after"],
+                                         before, after)]
     return dict(true_score_before=sum(before) / n_queries, true_score_after=sum(after) / n_queries,
-                win_rate=wins / n_queries, verdict_queries=n_queries, samples=shown)
+                win_rate=win_rate(before, after), verdict_queries=n_queries, samples=shown)
 
 
 def summary(hp: train_policy.HParams, labeler_name: str, policy: Policy, result: dict) -> dict:

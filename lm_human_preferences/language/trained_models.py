@@ -24,7 +24,7 @@ from safetensors.torch import load_file as safetensors_load_file, save
 
 from lm_human_preferences.language import encodings, hf, tf_checkpoint
 from lm_human_preferences.language.model import HParams, Model
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
 TEST_HPARAMS = HParams(n_vocab=27, n_ctx=8, n_embd=7, n_head=1, n_layer=2)
@@ -126,9 +126,9 @@ def load(folder: str) -> Saved:
     if not storage.is_remote(folder) and Path(folder, "config.json").exists():
         hparams, encoding, tensors = hf.load_folder(Path(folder))
         return Saved(hparams, encoding, tensors, step=0)
-    if storage.exists(storage.join(folder, "checkpoints", "latest")):
+    if storage.exists(storage.join(folder, save_folders.CHECKPOINTS, "latest")):
         return _load_ours(folder)
-    for checkpoint_dir in (storage.join(folder, "checkpoints"), folder):
+    for checkpoint_dir in (storage.join(folder, save_folders.CHECKPOINTS), folder):
         if storage.exists(storage.join(checkpoint_dir, "checkpoint")):
             return _load_tf(folder, checkpoint_dir)
     raise UserError(f"{folder}: no model here (looked for checkpoints/latest, checkpoints/checkpoint, checkpoint "
@@ -146,7 +146,7 @@ def _hparams_and_encoding(folder: str) -> tuple[HParams, str]:
 
 
 def _load_ours(folder: str) -> Saved:
-    latest = storage.fetch(storage.join(folder, "checkpoints", "latest")).read_text().strip()
+    latest = storage.fetch(storage.join(folder, save_folders.CHECKPOINTS, "latest")).read_text().strip()
     return load_file(folder, latest)
 
 
@@ -167,7 +167,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def load_file(folder: str | Path, name: str) -> Saved:
     """One checkpoint file of our layout, its checksum verified (files saved before checksums load unverified)."""
     hparams, encoding = _hparams_and_encoding(str(folder))
-    path = storage.fetch(storage.join(str(folder), "checkpoints", name))
+    path = storage.fetch(storage.join(str(folder), save_folders.CHECKPOINTS, name))
     try:
         tensors = safetensors_load_file(path)
         with safe_open(path, "pt") as f:
@@ -244,7 +244,7 @@ def save_checkpoint(folder: str | Path, hparams: HParams, encoding: str, tensors
     folder = Path(folder)
     storage.atomic_write_text(folder / "hparams.json", hparams.to_json())
     storage.atomic_write_text(folder / "encoding", json.dumps(encoding))
-    checkpoints = folder / "checkpoints"
+    checkpoints = folder / save_folders.CHECKPOINTS
     name = checkpoint_name(step)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     storage.atomic_write_bytes(checkpoints / name, save(tensors, metadata={"sha256": _digest(tensors)}))

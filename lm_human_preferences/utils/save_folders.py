@@ -19,6 +19,7 @@ REWARD_HPARAMS = "train_reward_hparams.json"
 POLICY_HPARAMS = "train_policy_hparams.json"
 REWARD_MODEL = "reward_model"  # the reward model's folder, and its phase's names under resume/ and tb/
 POLICY = "policy"  # the policy's folder, and its phase's name under resume/
+CHECKPOINTS = "checkpoints"  # in a model's folder: model-<step>.safetensors, and `latest` naming the newest
 RESUME = "resume"
 TENSORBOARD = "tb"
 PPO_LOG = "ppo"  # tb/ppo
