@@ -28,6 +28,7 @@ and where each labeler's next question may be are kept as answers come.
 `people.PeopleLabeler` puts this queue behind collect's `Labeler` protocol.
 """
 
+import contextlib
 import errno
 import functools
 import json
@@ -155,6 +156,9 @@ class LabelQueue:
         if self.out.exists() and not self.paths["sqlite"].exists() and not legacy.exists():
             raise UserError(f"{self.out} exists but {self.paths['sqlite']} does not: the labels were not made "
                             "by the labeling app; choose another --out")
+        # A new label file's files and folders go again if the command fails before it serves (`discard`).
+        self.new = not any(path.exists() for path in self._files())
+        self._made_folders = [folder for folder in self.out.parents if not folder.exists()]  # deepest first
         self.label_type = label_type
         self.labels = valid_labels(label_type)
         self.overlap, self.seed, self.lease_s, self.write_interval_s = overlap, seed, lease_s, write_interval_s
@@ -650,6 +654,25 @@ class LabelQueue:
             with self.changed:
                 self._closed = True
                 self.store.close()
+
+
+    def _files(self) -> list[Path]:
+        sqlite = self.paths["sqlite"]
+        return [self.out, *self.paths.values(), sqlite.with_name(sqlite.name + "-wal"),
+                sqlite.with_name(sqlite.name + "-shm")]
+
+    def discard(self) -> None:
+        """Close; for a new label file, also remove its files and the folders made for it. For a
+        command that fails before it serves: nothing is left behind (a restart's files stay)."""
+        try:
+            self.close()
+        finally:
+            if self.new:
+                for path in self._files():
+                    path.unlink(missing_ok=True)
+                for folder in self._made_folders:
+                    with contextlib.suppress(OSError):  # not empty: something else was put there
+                        folder.rmdir()
 
 
 def _fsync(path: Path) -> None:
