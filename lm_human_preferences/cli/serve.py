@@ -28,7 +28,8 @@ Serve a web page on which people label the policy's samples. The train_reward EX
 gives the task and the label type. Every answer is in FILE.sqlite before it is confirmed;
 FILE gets the labels in the released schema within seconds and at the stop, FILE.questions.json
 the questions, so a restart with the same --out goes on where it stopped (an earlier version's
-FILE.journal.jsonl is migrated). Ctrl-C (or SIGTERM) stops.
+FILE.journal.jsonl is migrated). A first start that fails before it serves (no network for the
+policy, a busy port) leaves no file behind. Ctrl-C (or SIGTERM) stops.
 
 options:
   --out FILE          the label file to write

@@ -241,7 +241,6 @@ def _all_keys(hp: HParams, prefix: str) -> set[str]:
     return keys
 
 
-
 def nearest_keys(key: str, keys: set[str], n: int = 3) -> list[str]:
     """Up to `n` of `keys` nearest the dotted `key`: those that end with it, else those whose
     spelling (whole, or of as many last parts as `key` has) is close to it, nearest first."""

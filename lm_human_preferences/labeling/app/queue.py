@@ -655,7 +655,6 @@ class LabelQueue:
                 self._closed = True
                 self.store.close()
 
-
     def _files(self) -> list[Path]:
         sqlite = self.paths["sqlite"]
         return [self.out, *self.paths.values(), sqlite.with_name(sqlite.name + "-wal"),
