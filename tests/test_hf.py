@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from lm_human_preferences.cli import main as cli
-from lm_human_preferences.language import trained_models
+from lm_human_preferences.language import encodings, hf, trained_models
+from lm_human_preferences.language.model import HParams, Model
 from lm_human_preferences.utils.errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -70,3 +72,53 @@ def test_unsupported_hf_models(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(UserError, match="only gpt2 is supported"):
         trained_models.load_initial(str(tmp_path / "hf"))
+
+
+SAMPLES = ["In the beginning God created the heaven and the earth.",
+           "And God said, Let there be light: and there was light.\n\nAnd  it's 1611!",
+           "  Spaces,\ttabs and UPPER case; words unknown: xyzzy — é ü 日本語\u00a0\x1c end.", ""]
+
+
+def _exported(tmp_path, encoding: str) -> tuple[Path, Model]:
+    """A model of `encoding` exported to a folder: the packaged kjv model through the command,
+    the test model, and a tiny random GPT-2 with the real vocabulary (its files from the local server)."""
+    out = tmp_path / "out"
+    if encoding == "kjv_words":
+        assert cli.main("export_hf", ["kjv", str(out)]) == 0
+        return out, trained_models.load_initial("kjv")[0].eval()
+    if encoding == "test":
+        model = trained_models.load_initial("test")[0]
+    else:
+        torch.manual_seed(0)
+        model = Model(HParams(n_vocab=50257, n_ctx=16, n_embd=8, n_head=2, n_layer=1))
+    hf.export_folder(model, out, encoding)
+    return out, model.eval()
+
+
+@pytest.mark.parametrize("encoding", ["kjv_words", "test", "main"])
+def test_export_writes_a_tokenizer_with_our_token_ids(tmp_path, encoding):
+    """AutoTokenizer and pipeline("text-generation") load the exported folder, with no network;
+    the tokenizer gives our encoding's ids and texts, and the pipeline continues a prompt as our
+    model does (greedy, up to the config's end-of-text token)."""
+    out, model = _exported(tmp_path, encoding)
+    ours = encodings.get(encoding)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    for text in SAMPLES:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == ours.encode(text), text
+        assert tokenizer.decode(ids) == ours.decode(ids)
+    pipe = transformers.pipeline("text-generation", str(out))
+    prompt = "god"  # with 3 new tokens, within the test model's 8 positions
+    tokens = ours.encode(prompt)
+    assert pipe.tokenizer(prompt)["input_ids"] == tokens
+    new = []
+    with torch.no_grad():
+        while len(new) < 3 and (not new or new[-1] != model.hparams.n_vocab - 1):
+            new.append(int(model(torch.tensor([tokens + new])).logits[0, -1].argmax()))
+    generated = pipe(prompt, max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert generated == prompt + pipe.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_an_encoding_without_a_tokenizer_is_refused():
+    with pytest.raises(UserError, match="no Hugging Face tokenizer is known for the encoding 'other'"):
+        hf.tokenizer_files("other", 8)

@@ -76,6 +76,12 @@ def test_optional_group_on_off_and_implicit_on():
     ("ppo", "on", r"'ppo' is a group"),
     ("rewards.adaptive_kl", "6", r"'rewards.adaptive_kl' is a group; set it with 'on' or 'off'"),
     ("ppo.lr.x", "1", r"unknown hparam 'ppo.lr.x'"),
+    # a key given without its groups, or misspelt there: the full keys it may mean
+    ("adaptive_kl.target", "1", r"unknown hparam 'adaptive_kl.target'; did you mean 'rewards.adaptive_kl.target'\?"),
+    ("lr", "1", r"unknown hparam 'lr'; did you mean 'ppo.lr'\?"),
+    ("horizn", "1", r"did you mean 'rewards.adaptive_kl.horizon'\?"),
+    ("rewards.target", "1", r"unknown hparam 'rewards.target'; did you mean 'rewards.adaptive_kl.target'\?"),
+    ("xyz", "1", r"unknown hparam 'xyz'; valid keys here: name, seed, rewards, ppo$"),
 ])
 def test_bad_overrides_name_key_and_value(key, value, message):
     with pytest.raises(UserError, match=message):
@@ -119,3 +125,25 @@ def test_validate_catches_wrong_types_set_directly():
         hp.validate()
     Top().validate()
 
+
+
+def test_nearest_keys_end_with_the_key_else_are_spelt_like_it():
+    keys = {"run.seed", "ppo.lr", "rewards.train_new_model.lr", "rewards.train_new_model.run.seed", "ppo.batch_size"}
+    assert hyperparams.nearest_keys("seed", keys) == ["run.seed", "rewards.train_new_model.run.seed"]
+    assert hyperparams.nearest_keys("lr", keys, n=1) == ["ppo.lr"]
+    assert hyperparams.nearest_keys("ppo.batchsize", keys) == ["ppo.batch_size"]
+    assert hyperparams.nearest_keys("epochs", keys) == []
+
+
+def test_flags_set_in_order_and_a_field_of_a_group_switched_off_is_refused():
+    hp = Top()
+    hp.override_from_flags({"rewards.adaptive_kl.target": "3", "ppo.lr": "1"})
+    assert hp.rewards.adaptive_kl.target == 3.0 and hp.ppo.lr == 1.0
+    for flags in ({"rewards.adaptive_kl": "off", "rewards.adaptive_kl.target": "3"},
+                  {"rewards.adaptive_kl.horizon": "5", "rewards.adaptive_kl": "None"}):
+        with pytest.raises(UserError, match=r"--rewards.adaptive_kl.\w+ sets a field of rewards.adaptive_kl, which "
+                                            r"--rewards.adaptive_kl \w+ switches off"):
+            Top().override_from_flags(flags)
+    hp = Top()
+    hp.override_from_flags({"rewards.adaptive_kl": "on", "rewards.adaptive_kl.target": "3"})
+    assert hp.rewards.adaptive_kl.target == 3.0

@@ -442,6 +442,43 @@ def test_serve_command_prints_the_url_and_stops_on_ctrl_c(tmp_path):
     assert json.loads(out.with_name("labels.json.questions.json").read_text())["label_type"] == "best_of_4"
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_that_fails_before_serving_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """No network for the policy: the command fails, and the new label file's files (and the folder
+    made for them) are gone."""
+    monkeypatch.setenv("LMHP_MIRROR", f"http://127.0.0.1:{_closed_port()}")  # refuses connections
+    out = tmp_path / "labels" / "lab.json"
+    assert cli.main("label", ["serve", "test", "--out", str(out), "--policy", "124M", "--port", "0"]) == 1
+    assert "cannot connect" in capsys.readouterr().err
+    assert _left_in(tmp_path) == []
+
+
+def _left_in(folder: Path) -> list[str]:
+    """What is in `folder` but the download cache."""
+    return sorted(p.name for p in folder.iterdir() if p.name != "cache")
+
+
+def test_a_busy_port_fails_before_sampling_and_keeps_an_earlier_start(tmp_path, capsys):
+    out = tmp_path / "lab.json"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert cli.main("label", ["serve", "test", "--out", str(out), "--port", port]) == 1
+        output = capsys.readouterr()
+        assert "choose another --port" in output.err and "sampling" not in output.out
+        assert _left_in(tmp_path) == []
+        new_queue(out).close()  # an earlier start, with its questions: a failed restart keeps them
+        assert cli.main("label", ["serve", "test", "--out", str(out), "--port", port]) == 1
+    assert _left_in(tmp_path) == ["lab.json", "lab.json.questions.json", "lab.json.sqlite"]
+    assert len(questions.load(out.with_name("lab.json.questions.json"))[1]) == 6
+
+
 def test_serve_help_and_instructions(capsys):
     assert cli.main("label", ["serve", "--help"]) == 0
     assert "label.py serve EXPERIMENT --out FILE" in capsys.readouterr().out

@@ -93,6 +93,21 @@ def test_overrides_and_save_dir(capsys, tmp_path):
     (["train_policy", "sentiment", "x", "--rewards.train_new_model", "off"], "set exactly one of"),
     (["train_policy", "sentiment", "x", "--mpi"], "--mpi needs a value"),
     (["train_policy", "sentiment"], "usage: launch.py"),
+    # errors that name the fix: the key with its groups, the held-out rule, a checked mock source
+    (["train_policy", "mock_descriptiveness", "x", "--labels.source", "mine.json"],
+     "unknown hparam 'labels.source'; did you mean 'rewards.train_new_model.labels.source'?"),
+    (["train_reward", "mock_descriptiveness", "x", "--labels.num_train", "250"],
+     "labels.num_train=250 is not divisible by batch_size=32; change one of them (e.g. num_train 224 or 256). "
+     "The first num_train labels of the source train the reward model and the ones after them are held out"),
+    (["train_policy", "mock_descriptiveness", "x", "--rewards.train_new_model.labels.source", "mock:bogus"],
+     "rewards.train_new_model.labels.source: unknown mock labeler 'bogus'; known: sentiment, descriptiveness"),
+    (["train_reward", "test", "x", "--labels.source", "mock:sentiment:-1"], "labels.source: mock:sentiment:-1: write"),
+    (["train_policy", "test", "x", "--ppo.lr", "1e-5", "--ppo.lr=2e-5"],
+     "option --ppo.lr is given twice ('1e-5' and '2e-5'); give it once"),
+    (["train_policy", "test", "x", "--rewards.adaptive_kl", "off", "--rewards.adaptive_kl.target", "3"],
+     "--rewards.adaptive_kl.target sets a field of rewards.adaptive_kl, which --rewards.adaptive_kl off switches off"),
+    (["train_policy", "test", "x", "--rewards.adaptive_kl.target", "3", "--rewards.adaptive_kl", "none"],
+     "--rewards.adaptive_kl.target sets a field of rewards.adaptive_kl, which --rewards.adaptive_kl none switches"),
 ])
 def test_launch_errors_are_one_line(capsys, args, message):
     assert cli.main("launch", args) == 1
@@ -135,9 +150,9 @@ def test_two_ranks_match_one_rank_for_reward_training(tmp_path):
                 "best": int(torch.randint(0, 4, (), generator=gen))} for _ in range(48)]
     (tmp_path / "labels.json").write_text(json.dumps(records))
     common = ["train_reward", "test", "rm", "--normalize_before", "off", "--normalize_after", "off",
-              "--lr", "1e-2", "--labels.source", str(tmp_path / "labels.json")]
+              "--labels.source", str(tmp_path / "labels.json")]
     for ranks in ("1", "2"):
-        done = run("launch.py", *common, "--mpi", ranks, "--save_dir", str(tmp_path / ranks))
+        done = run("launch.py", *common, "--lr", "1e-2", "--mpi", ranks, "--save_dir", str(tmp_path / ranks))
         assert done.returncode == 0, done.stderr
     one, two = (load_file(tmp_path / r / "rm" / "reward_model" / "checkpoints" / "model-0000006.safetensors")
                 for r in ("1", "2"))

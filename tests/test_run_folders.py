@@ -1,6 +1,8 @@
 """A run's save folder: a run name stays inside the save root, and a run that never started leaves nothing."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -61,3 +63,28 @@ def test_a_state_saved_on_a_gpu_is_a_clear_error_on_the_cpu(tmp_path):
     cpu = torch.Generator().manual_seed(3)
     resume.save_state(tmp_path, 3, "model-0000003.safetensors", optimizer, {"sampling": cpu}, {})
     resume.restore(resume.load_state(tmp_path), optimizer, {"sampling": torch.Generator()})  # same kind: fine
+
+
+def _no_space(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("full_at", ["lock", "hparams"])
+def test_a_run_refused_for_a_full_disk_leaves_nothing(capsys, tmp_path, monkeypatch, full_at):
+    """The disk fills writing the lock (os.write) or the hparams (an atomic write's fsync): the
+    error names the file, and neither the run's folder nor the save root it made is left."""
+    monkeypatch.setattr(os, "write" if full_at == "lock" else "fsync", _no_space)
+    root = tmp_path / "root"
+    assert cli.main("launch", ["train_reward", "test", "x", "--save_dir", str(root)]) == 1
+    written = root / "x" / (save_folders.LOCK if full_at == "lock" else save_folders.REWARD_HPARAMS)
+    assert f"disk full while writing {written}" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_a_full_disk_leaves_a_save_root_that_was_there(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(os, "write", _no_space)
+    with pytest.raises(OSError, match="No space left"):
+        run.claim(root / "x")
+    assert root.is_dir() and list(root.iterdir()) == []

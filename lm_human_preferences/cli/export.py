@@ -9,8 +9,9 @@ EXPORT_HELP = """\
 usage: lmhp-export-hf MODEL OUT
 
 Write the GPT-2 trunk of MODEL (a save folder such as <save_dir>/policy or <save_dir>/reward_model,
-in our layout or the original's, a path or URL, or a model name) to the folder OUT, which
-transformers' GPT2LMHeadModel.from_pretrained(OUT) loads. Scalar heads are not exported.
+in our layout or the original's, a path or URL, or a model name) and its tokenizer to the folder
+OUT, which transformers' GPT2LMHeadModel.from_pretrained(OUT), AutoTokenizer.from_pretrained(OUT)
+and pipeline("text-generation", OUT) load. Scalar heads are not exported.
 """
 
 
@@ -22,4 +23,4 @@ def export_hf(args: list[str]) -> None:
         raise UserError("usage: lmhp-export-hf MODEL OUT (see --help)")
     model, encoding = trained_models.load_initial(args[0])
     hf.export_folder(model, Path(args[1]), encoding)
-    print(f"wrote {args[1]}/config.json and model.safetensors")
+    print(f"wrote {args[1]}: config.json, model.safetensors and the tokenizer of the {encoding!r} encoding")

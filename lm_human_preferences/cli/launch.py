@@ -45,8 +45,7 @@ def resolve(mode: str, experiment: str, name: str, flags: dict[str, str], ranks:
     hp = experiments.get(mode, experiment)
     check_run_name(name)
     save_root = flags.pop("save_dir", None) or f"/tmp/save/{mode}"
-    for key, value in flags.items():
-        hp.override_from_str(key, value)
+    hp.override_from_flags(flags)
     if isinstance(hp, train_policy.HParams) and hp.rewards.train_new_model is not None:
         for key, value in flags.items():  # the reward model is trained on the policy's task
             if key.startswith("task."):

@@ -6,7 +6,8 @@ from lm_human_preferences.utils.errors import UserError
 
 
 def parse(args: list[str], booleans: set[str]) -> dict[str, str]:
-    """`--key value` / `--key=value` pairs; keys in `booleans` may stand alone (meaning true)."""
+    """`--key value` / `--key=value` pairs; keys in `booleans` may stand alone (meaning true).
+    A key given twice is an error: a silent "last one wins" hides a typo in a long command line."""
     flags: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -22,6 +23,8 @@ def parse(args: list[str], booleans: set[str]) -> dict[str, str]:
                 value = args[i]
             else:
                 raise UserError(f"option --{key} needs a value")
+        if key in flags:
+            raise UserError(f"option --{key} is given twice ({flags[key]!r} and {value!r}); give it once")
         flags[key] = value
         i += 1
     return flags

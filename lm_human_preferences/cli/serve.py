@@ -28,7 +28,8 @@ Serve a web page on which people label the policy's samples. The train_reward EX
 gives the task and the label type. Every answer is in FILE.sqlite before it is confirmed;
 FILE gets the labels in the released schema within seconds and at the stop, FILE.questions.json
 the questions, so a restart with the same --out goes on where it stopped (an earlier version's
-FILE.journal.jsonl is migrated). Ctrl-C (or SIGTERM) stops.
+FILE.journal.jsonl is migrated). A first start that fails before it serves (no network for the
+policy, a busy port) leaves no file behind. Ctrl-C (or SIGTERM) stops.
 
 options:
   --out FILE          the label file to write
@@ -156,11 +157,22 @@ class _Stop(threading.Event):
 
 
 def _serve(queue: LabelQueue, hp, fill: tuple, page: web.Page, bind: tuple, stop: _Stop) -> None:
-    """Fill the queue, serve it until `stop` is set, then close everything and print the summary."""
+    """Fill the queue, serve it until `stop` is set, then close everything and print the summary.
+
+    The port is taken before the questions are sampled, so a busy one fails at once. A failure
+    before serving (a policy that cannot be downloaded, a busy port, Ctrl-C while sampling)
+    leaves no file of a new label file behind (`LabelQueue.discard`)."""
+    server = None
     try:
-        _fill(queue, hp, *fill)
-        stop.serving = True
         server = web.LabelServer(queue, page, *bind)
+        _fill(queue, hp, *fill)
+    except BaseException:
+        if server is not None:
+            server.server_close()
+        queue.discard()
+        raise
+    stop.serving = True
+    try:
         server.start()
         try:
             print(f"labeling app for {page.title} → {queue.out}\nopen {server.url}\nCtrl-C stops", flush=True)

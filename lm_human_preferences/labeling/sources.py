@@ -39,11 +39,16 @@ def app_port(source: str) -> int | None:
     return int(port)
 
 
+def check_mock(source: str, label_type_name: str) -> None:
+    """A mock source names a known labeler (and a valid noise), and the label type is best-of-N."""
+    mock_labelers.parse_source(source)
+    collect.count_responses(label_type_name)
+
+
 def check_online(source: str, label_type_name: str) -> None:
     """An online run collects its own labels: from a mock labeler (best-of-N) or from people."""
     if is_mock(source):
-        mock_labelers.parse_source(source)
-        collect.count_responses(label_type_name)
+        check_mock(source, label_type_name)
     elif app_port(source) is not None:
         label_types.get(label_type_name)
     else:

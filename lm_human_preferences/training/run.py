@@ -6,6 +6,7 @@ seed included); a folder holding a run with other hparams is refused, unless
 `--run.overwrite on` asks to replace it.
 """
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -95,6 +96,7 @@ def resolve_seed(hp: hyperparams.HParams) -> int:
 
 
 _claimed: set[Path] = set()  # save folders this process holds the lock of (held until it exits)
+_made_parents: dict[Path, list[Path]] = {}  # the folders above a save folder that its claim made (the save root)
 
 
 def claim(save_dir: Path) -> None:
@@ -102,6 +104,7 @@ def claim(save_dir: Path) -> None:
     key = save_dir.resolve()
     if key in _claimed:
         return
+    _made_parents[key] = [folder for folder in save_dir.parents if not folder.exists()]
     save_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(save_dir / save_folders.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -111,14 +114,20 @@ def claim(save_dir: Path) -> None:
         os.close(fd)
         raise UserError(f"{save_dir} is in use by another run (pid {owner}); wait for it to end, "
                         "or give this run another name or --save_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as e:  # a full disk: the run is refused, and leaves nothing behind
+        os.close(fd)
+        release_if_unstarted(save_dir)
+        raise OSError(e.errno, e.strerror, str(save_dir / save_folders.LOCK)) from None
     _claimed.add(key)
 
 
 def release_if_unstarted(save_dir: Path) -> bool:
     """If the run in `save_dir` never started (the folder holds nothing but its lock, and maybe a
-    report), remove what it left — the folder too when empty — and say so (True)."""
+    report), remove what it left — the folder too, and the save root when its claim made it —
+    and say so (True)."""
     leftovers = {save_folders.LOCK, save_folders.REPORT, save_folders.REPORT_PLOTS}
     if not save_dir.is_dir() or any(path.name not in leftovers for path in save_dir.iterdir()):
         return False
@@ -126,6 +135,9 @@ def release_if_unstarted(save_dir: Path) -> bool:
         path = save_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     save_dir.rmdir()
+    for folder in _made_parents.pop(save_dir.resolve(), []):
+        with contextlib.suppress(OSError):  # not empty: other runs are there
+            folder.rmdir()
     return True
 
 

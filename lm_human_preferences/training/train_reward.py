@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lm_human_preferences.labeling import label_files, label_types
+from lm_human_preferences.labeling import label_files, label_types, sources
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.task.policy import Policy, load_policy
@@ -47,6 +47,11 @@ class HParams(hyperparams.HParams):
             if getattr(self.labels, name) is None:
                 raise UserError(f"hparam {_prefix}labels.{name} must be set")
         label_types.get(self.labels.type)
+        if sources.is_mock(self.labels.source):  # checked now, not when the run has started
+            try:
+                sources.check_mock(self.labels.source, self.labels.type)
+            except UserError as e:
+                raise UserError(f"{_prefix}labels.source: {e}") from None
         world = distributed.world_size()
         for name, value in (("labels.num_train", self.labels.num_train), ("batch_size", self.batch_size),
                             ("rollout_batch_size", self.rollout_batch_size), ("epochs", self.epochs)):
@@ -57,8 +62,13 @@ class HParams(hyperparams.HParams):
         if self.normalize_samples < 0 or self.debug_normalize < 0:
             raise UserError(f"{_prefix}normalize_samples and {_prefix}debug_normalize must not be negative")
         if self.labels.num_train % self.batch_size:
+            below = self.labels.num_train // self.batch_size * self.batch_size
+            nearest = " or ".join(str(n) for n in (below, below + self.batch_size) if n > 0)
             raise UserError(f"{_prefix}labels.num_train={self.labels.num_train} is not divisible by "
-                            f"{_prefix}batch_size={self.batch_size}; change one of them")
+                            f"{_prefix}batch_size={self.batch_size}; change one of them (e.g. num_train {nearest}). "
+                            f"The first num_train labels of the source train the reward model and the ones after "
+                            f"them are held out for evaluation (a mock: source collects num_train/{sources.HELD_OUT_SHARE} more "
+                            "to hold out)")
         if self.batch_size % world or self.rollout_batch_size % world:
             raise UserError(f"{_prefix}batch_size={self.batch_size} and {_prefix}rollout_batch_size="
                             f"{self.rollout_batch_size} must be divisible by the number of ranks ({world}); "

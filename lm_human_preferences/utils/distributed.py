@@ -271,16 +271,31 @@ def external_launcher() -> tuple[str, int, int, int] | None:
     return None
 
 
-def rank_timeout() -> float:
-    """Seconds a rank may go silent (stopped, or stuck before a collective) before every rank is stopped."""
-    text = os.environ.get("LMHP_RANK_TIMEOUT", "1800")
+def _seconds(variable: str, default: str) -> float:
+    text = os.environ.get(variable, default)
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise UserError(f"LMHP_RANK_TIMEOUT must be a positive number of seconds, got {text!r}")
+        raise UserError(f"{variable} must be a positive number of seconds, got {text!r}")
     return value
+
+
+def rank_timeout() -> float:
+    """Seconds a rank may go silent (stopped, or stuck before a collective) before every rank is stopped."""
+    return _seconds("LMHP_RANK_TIMEOUT", "1800")
+
+
+def start_timeout() -> float:
+    """Seconds the ranks wait for each other at the start (LMHP_START_TIMEOUT, default 300).
+
+    Shorter than LMHP_RANK_TIMEOUT: at the start every rank has just been started and none works
+    alone, so a rank (or node) missing there is noticed in minutes, not after half an hour. Later
+    the ranks wait up to LMHP_RANK_TIMEOUT for rank 0, which downloads models, collects mock
+    labels and writes checkpoints alone.
+    """
+    return _seconds("LMHP_START_TIMEOUT", "300")
 
 
 def process_group_options(local_rank: int) -> dict:
@@ -292,11 +307,23 @@ def process_group_options(local_rank: int) -> dict:
 
 
 def _init(rank: int, world: int, local_rank: int, init_method: str) -> None:
+    """Join the process group; every rank must be there within start_timeout(). Then the group's
+    collectives get rank_timeout(), through torch's `_set_pg_timeout` (the one way to change a
+    group's timeout; torchtitan uses it too): init_process_group's timeout governs both the
+    rendezvous and every later collective."""
     options = process_group_options(local_rank)
     if "device_id" in options:
         torch.cuda.set_device(options["device_id"])
-    dist.init_process_group(init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=rank_timeout()), **options)
+    timeout = start_timeout()
+    try:
+        dist.init_process_group(init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout), **options)
+        dist.barrier()  # NCCL connects the ranks at their first collective: this one
+    except RuntimeError as e:
+        raise UserError(f"rank {rank} of {world}: the other ranks did not all join within LMHP_START_TIMEOUT "
+                        f"({timeout:g} s; {_first_line(e)}); start every rank (on every node, with the same "
+                        "MASTER_ADDR and MASTER_PORT), or raise LMHP_START_TIMEOUT") from None
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=rank_timeout()))
 
 
 def _free_port() -> int:
@@ -324,8 +351,8 @@ def _run_rank(index: int, fn: Callable, args: tuple, world: int, init_method: st
     and the traceback of an unexpected error; a UserError prints its one line here) before the rank
     exits 1: the other ranks, blocked in a collective, fail only after that, so the launcher can
     name the rank that failed first."""
-    _init(index, world, index, init_method)
     try:
+        _init(index, world, index, init_method)
         fn(*args)
     except Stopped as e:
         dist.destroy_process_group()

@@ -9,7 +9,8 @@ A hyper-parameter set is a dataclass deriving from `HParams`. Fields may be plai
     hp.override_from_str("rewards.adaptive_kl.target", "6.0")   # also switches the group on
 
 Unknown keys and unparsable values raise `UserError` naming the key, the value and, for
-unknown keys, the nearest valid one.
+unknown keys, the nearest valid ones across the nested groups (`labels.source` suggests
+`rewards.train_new_model.labels.source`).
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ from lm_human_preferences.utils.errors import UserError
 _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
 _NONE = {"none", "null"}
+_CLOSE = 0.75  # the least difflib ratio of a key suggested for a misspelt one
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -96,18 +98,24 @@ class HParams:
         hints = typing.get_type_hints(type(self))
         return {f.name: hints[f.name] for f in dataclasses.fields(self)}
 
-    def _unknown(self, prefix: str, name: str) -> UserError:
-        valid = [prefix + n for n in self._field_types()]
-        close = difflib.get_close_matches(prefix + name, valid + sorted(_all_keys(self, prefix)), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(valid)}"
-        return UserError(f"unknown hparam {prefix + name!r}{hint}")
+    def _unknown(self, prefix: str, key: str) -> UserError:
+        """The error for the dotted `key` below this group, which names no field: it suggests the
+        keys below the group that end with `key` (given without its outer groups, as
+        `labels.source` for `rewards.train_new_model.labels.source`), else those spelt nearly
+        like it, else lists the valid keys here."""
+        close = nearest_keys(key, _all_keys(self, ""))
+        if close:
+            hint = "; did you mean " + _one_of([repr(prefix + k) for k in close]) + "?"
+        else:
+            hint = f"; valid keys here: {', '.join(prefix + n for n in self._field_types())}"
+        return UserError(f"unknown hparam {prefix + key!r}{hint}")
 
     def override_from_str(self, key: str, text: str, _prefix: str = "") -> None:
         """Set the dotted `key` from its text form, parsed by the field's type."""
         name, _, rest = key.partition(".")
         types_ = self._field_types()
         if name not in types_:
-            raise self._unknown(_prefix, name)
+            raise self._unknown(_prefix, key)
         inner, optional = _unwrap_optional(types_[name])
         full = _prefix + name
         if _is_group(inner):
@@ -135,6 +143,18 @@ class HParams:
         else:
             setattr(self, name, _parse_scalar(full, inner, text))
 
+    def override_from_flags(self, flags: dict[str, str]) -> None:
+        """Set every `--key value` of a command line, in order (`override_from_str`). A field of an
+        optional group that the same command line switches off is refused, in either order: which
+        of the two was meant is not clear."""
+        for key, text in flags.items():
+            self.override_from_str(key, text)
+        for key, text in flags.items():
+            inside = [k for k in flags if k.startswith(key + ".")]
+            if inside and text.strip().lower() in _FALSE | _NONE:
+                raise UserError(f"--{inside[0]} sets a field of {key}, which --{key} {text} switches off; "
+                                f"drop one of the two (setting a field switches its group on)")
+
     def override_from_dict(self, values: dict[str, Any], _prefix: str = "") -> None:
         """Set fields from a (possibly nested) dict of Python values, e.g. parsed JSON.
 
@@ -144,7 +164,7 @@ class HParams:
         for key, value in values.items():
             name, _, rest = key.partition(".")
             if name not in types_:
-                raise self._unknown(_prefix, name)
+                raise self._unknown(_prefix, key)
             inner, optional = _unwrap_optional(types_[name])
             full = _prefix + name
             if rest:
@@ -220,3 +240,22 @@ def _all_keys(hp: HParams, prefix: str) -> set[str]:
             keys |= _all_keys(group, prefix + name + ".")
     return keys
 
+
+def nearest_keys(key: str, keys: set[str], n: int = 3) -> list[str]:
+    """Up to `n` of `keys` nearest the dotted `key`: those that end with it, else those whose
+    spelling (whole, or of as many last parts as `key` has) is close to it, nearest first."""
+    ending = sorted((k for k in keys if k == key or k.endswith("." + key)), key=lambda k: (len(k), k))
+    if ending:
+        return ending[:n]
+    depth = key.count(".") + 1
+    scores = {k: max(_similarity(key, k), _similarity(key, ".".join(k.split(".")[-depth:]))) for k in keys}
+    close = [k for k in keys if scores[k] >= _CLOSE]
+    return sorted(close, key=lambda k: (-scores[k], len(k), k))[:n]
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

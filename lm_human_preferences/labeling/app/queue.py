@@ -24,6 +24,7 @@ it is committed; a commit that fails rolls both back (the assignment is rebuilt 
 `people.PeopleLabeler` puts this queue behind collect's `Labeler` protocol.
 """
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -84,6 +85,9 @@ class LabelQueue:
         if self.out.exists() and not self.paths["sqlite"].exists() and not self.paths["journal.jsonl"].exists():
             raise UserError(f"{self.out} exists but {self.paths['sqlite']} does not: the labels were not made "
                             "by the labeling app; choose another --out")
+        # A new label file's files and folders go again if the command fails before it serves (`discard`).
+        self.new = not any(path.exists() for path in self._files())
+        self._made_folders = [folder for folder in self.out.parents if not folder.exists()]  # deepest first
         self.label_type, self.labels = label_type, label_writer.valid_labels(label_type)
         self.overlap, self.seed, self.lease_s = overlap, seed, lease_s
         self.items = Items(self)
@@ -251,3 +255,21 @@ class LabelQueue:
         with self._lock:
             self._closed = True
             self.store.close()
+
+    def _files(self) -> list[Path]:
+        sqlite = self.paths["sqlite"]
+        return [self.out, *self.paths.values(), sqlite.with_name(sqlite.name + "-wal"),
+                sqlite.with_name(sqlite.name + "-shm")]
+
+    def discard(self) -> None:
+        """Close; for a new label file, also remove its files and the folders made for it. For a
+        command that fails before it serves: nothing is left behind (a restart's files stay)."""
+        try:
+            self.close()
+        finally:
+            if self.new:
+                for path in self._files():
+                    path.unlink(missing_ok=True)
+                for folder in self._made_folders:
+                    with contextlib.suppress(OSError):  # not empty: something else was put there
+                        folder.rmdir()
