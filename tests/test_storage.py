@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import cache, storage
 from lm_human_preferences.utils.errors import UserError
 
 BASE = storage.PUBLIC_BASE
@@ -64,7 +64,9 @@ def test_404_is_not_retried_and_names_the_url(http_server, tmp_path):
 
 
 def _cache_files(tmp_path):
-    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    records = (cache.SHA256SUMS, cache.NOT_FOUND)  # the cache's own lists, at its root
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*")
+                  if p.is_file() and not p.name.endswith(".lock") and p.name not in records)
 
 
 def test_dropped_connection_never_leaves_a_partial_file(http_server, tmp_path):
@@ -81,8 +83,13 @@ def test_dropped_connection_never_leaves_a_partial_file(http_server, tmp_path):
 
 
 def test_unreachable_host_is_a_clear_error():
-    with pytest.raises(UserError, match="download failed after 2 attempts .*cannot connect"):
-        storage.fetch("http://127.0.0.1:9/file.json", retries=1, backoff=0.01)
+    url = "http://127.0.0.1:9/file.json"
+    with pytest.raises(storage.Offline) as caught:
+        storage.fetch(url, retries=1, backoff=0.01)
+    assert str(caught.value).startswith(f"{url}: cannot connect after 2 attempts (")
+    assert str(caught.value).endswith(f"; cache file {cache.cache_path(url)}; to work without the network, run "
+                                      f"`./launch.py fetch {url}` where there is one and copy its cache folder to "
+                                      f"{cache.cache_dir()} (LMHP_CACHE_DIR), or give a local copy in its place")
 
 
 def test_processes_share_one_download(http_server, tmp_path):
@@ -99,7 +106,7 @@ def test_processes_share_one_download(http_server, tmp_path):
 def test_waiting_for_a_held_lock_times_out_clearly(http_server, monkeypatch):
     http_server.add_file("gpt-2/locked.bin", b"z")
     url = storage.canonical_url("gs://gpt-2/locked.bin")
-    target = storage.cache_path(url)
+    target = cache.cache_path(url)
     target.parent.mkdir(parents=True)
     fd = os.open(target.with_name(target.name + ".lock"), os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -119,7 +126,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(http_server, tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    target = storage.cache_path(storage.canonical_url("gs://gpt-2/full.bin"))
+    target = cache.cache_path(storage.canonical_url("gs://gpt-2/full.bin"))
     expected = (f"{http_server.url}/gpt-2/full.bin: disk full while saving the download; "
                 f"mirror (LMHP_MIRROR) of {BASE}/gpt-2/full.bin; cache file {target}; free space or set LMHP_CACHE_DIR")
     with pytest.raises(UserError, match=re.escape(expected)):

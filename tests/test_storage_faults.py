@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from lm_human_preferences.language.tf_checkpoint import TABLE_MAGIC
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import cache, storage
 from lm_human_preferences.utils.errors import UserError
 
 # How long a stalled answer stays silent before sending the body after all, so that a client
@@ -87,7 +87,7 @@ def server(monkeypatch) -> Iterator[FaultServer]:
 
 
 def _cache_file(gs_path: str) -> Path:
-    return storage.cache_path(storage.canonical_url(gs_path))
+    return cache.cache_path(storage.canonical_url(gs_path))
 
 
 def _message(server: FaultServer, path: str, problem: str, advice: str) -> str:
@@ -98,7 +98,9 @@ def _message(server: FaultServer, path: str, problem: str, advice: str) -> str:
 
 
 def _cache_contents(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    records = (cache.SHA256SUMS, cache.NOT_FOUND)  # the cache's own lists, at its root
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*")
+                  if p.is_file() and not p.name.endswith(".lock") and p.name not in records)
 
 
 def _safetensors(data: bytes) -> bytes:

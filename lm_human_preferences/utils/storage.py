@@ -2,60 +2,67 @@
 
 The original read everything from `gs://gpt-2/...` and `gs://lm-human-preferences/...`.
 Those buckets are gone; the same files are served over HTTPS from OpenAI's public blob
-store, so gs:// paths are mapped there. Remote files are downloaded once into a cache
-folder (keyed by URL) and reused. Downloads are atomic (temporary name + rename) and
-guarded by a file lock, so concurrent processes on one machine wait for a single
+store, so gs:// paths are mapped there. Remote files are downloaded once into the cache
+(utils/cache.py: laid out as the URLs are) and reused. Downloads are atomic (temporary name +
+rename) and guarded by a file lock, so concurrent processes on one machine wait for a single
 downloader and never see a half-written file.
 
-Only complete files enter the cache: a body shorter than its Content-Length is retried,
-and a body sent without Content-Length must pass its format's own completeness check
-(.json, .gz, .safetensors, TensorFlow .index). A temporary file left by a downloader that
-was killed is removed the next time its cache entry is fetched.
+Only complete files enter the cache: a body shorter than its Content-Length, or one that does not
+match the Content-MD5 the server sent, is retried, and a body sent without Content-Length must pass
+its format's own completeness check (utils/completeness.py). The SHA-256 of every file that enters
+the cache is recorded (cache.SHA256SUMS). A temporary file left by a downloader that was killed is
+removed the next time its cache entry is fetched.
+
+Every command retries the same way: a download or an existence check (HEAD) that cannot connect,
+or gets HTTP 5xx or 429, is tried LMHP_RETRIES more times, after pauses of 1-2 s, 2-4 s, 4-8 s, ...
+One that still cannot connect is an `Offline` error naming the ways to go on without the network.
 
 Environment:
     LMHP_CACHE_DIR         cache folder (default ~/.cache/lm_human_preferences)
-    LMHP_MIRROR            base URL that replaces https://openaipublic.blob.core.windows.net
-                           (a mirror, or a local test server)
+    LMHP_MIRROR            what stands in for https://openaipublic.blob.core.windows.net: a mirror's
+                           base URL (or a local test server), or a local folder in the URL layout
+                           (DIR/gpt-2/models/124M/hparams.json; a copied cache's host folder, or a
+                           copied cache itself, works too). A folder's own SHA256SUMS, if it has one,
+                           is checked as files are copied from it.
+    LMHP_RETRIES           retries after a failed attempt (default 3)
     LMHP_LOCK_TIMEOUT      seconds to wait for another process's download (default 3600)
     LMHP_DOWNLOAD_TIMEOUT  seconds a download may go without receiving data, retries and the
                            pauses between them included, before it gives up (default 600);
                            one silent read ends an attempt after a twentieth of it
 """
 
+import base64
 import errno
 import fcntl
-import gzip
 import hashlib
-import json
 import math
 import os
 import random
-import struct
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from tqdm import tqdm
 
+from lm_human_preferences.utils import cache, completeness
 from lm_human_preferences.utils.errors import UserError
 
 PUBLIC_BASE = "https://openaipublic.blob.core.windows.net"
 _GS_BUCKETS = ("gpt-2", "lm-human-preferences")
 _CHUNK = 1 << 20
 _DEFAULT_DOWNLOAD_TIMEOUT = "600"
+_DEFAULT_RETRIES = "3"
+_BACKOFF_S = 1.0
 _READS_PER_DOWNLOAD_TIMEOUT = 20
-# The last 8 bytes of a TensorFlow table (.index) file. Same value as
-# language.tf_checkpoint.TABLE_MAGIC, repeated because utils never imports from the rest of
-# the package (the language modules import utils).
-_TF_TABLE_MAGIC = 0xDB4775248B80FB57
+
+T = TypeVar("T")
 
 
 def is_remote(path: str) -> bool:
@@ -74,6 +81,11 @@ def canonical_url(path: str) -> str:
     return path
 
 
+def gs_path(url: str) -> str:
+    """The original's gs:// name of a canonical URL of its buckets; other URLs as they are."""
+    return "gs://" + url[len(PUBLIC_BASE) + 1:] if url.startswith(PUBLIC_BASE + "/") else url
+
+
 def join(base: str, *parts: str) -> str:
     """Join path components for both URLs and local paths."""
     if is_remote(base):
@@ -81,85 +93,145 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def _fetch_url(url: str) -> str:
-    """The URL actually contacted: the canonical one, redirected to LMHP_MIRROR if set."""
-    mirror = os.environ.get("LMHP_MIRROR")
-    if mirror and url.startswith(PUBLIC_BASE + "/"):
-        return mirror.rstrip("/") + url[len(PUBLIC_BASE):]
-    return url
+def _env_number(name: str, default: str, kind: type, check: Callable[[float], bool], what: str):
+    value = os.environ.get(name) or default
+    try:
+        number = kind(value)
+        if math.isfinite(number) and check(number):
+            return number
+    except ValueError:
+        pass
+    raise UserError(f"{name}={value!r} is not {what}; fix or unset it")
 
 
-def _mirror_note(url: str, contacted: str) -> str:
-    """For messages that name the contacted URL: which canonical URL a mirror stood in for."""
-    return "" if contacted == url else f"; mirror (LMHP_MIRROR) of {url}"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LMHP_CACHE_DIR") or Path.home() / ".cache" / "lm_human_preferences")
-
-
-def cache_path(url: str) -> Path:
-    """Cache location of a canonical URL: readable host/path, plus a hash for odd characters."""
-    parsed = urllib.parse.urlsplit(url)
-    safe_parts = [p for p in parsed.path.split("/") if p and p not in (".", "..")]
-    if not safe_parts:
-        raise UserError(f"{url}: the URL names no file")
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return cache_dir().joinpath(parsed.netloc, *safe_parts[:-1], f"{digest}-{safe_parts[-1]}")
+def retry_count() -> int:
+    """How many times a failed download or existence check is tried again (LMHP_RETRIES)."""
+    return _env_number("LMHP_RETRIES", _DEFAULT_RETRIES, int, lambda n: n >= 0, "a whole number ≥ 0")
 
 
 def _download_timeout() -> float:
-    value = os.environ.get("LMHP_DOWNLOAD_TIMEOUT", _DEFAULT_DOWNLOAD_TIMEOUT)
-    try:
-        seconds = float(value)
-        if math.isfinite(seconds) and seconds > 0:
-            return seconds
-    except ValueError:
-        pass
-    raise UserError(f"LMHP_DOWNLOAD_TIMEOUT={value!r} is not a positive number of seconds; fix or unset it")
-
-
-def exists(path: str) -> bool:
-    """Whether a local path or remote file exists (HEAD request, no download, no cache)."""
-    if not is_remote(path):
-        return Path(path).expanduser().exists()
-    url = canonical_url(path)
-    if cache_path(url).exists():
-        return True
-    contacted = _fetch_url(url)
-    request = urllib.request.Request(contacted, method="HEAD")
-    try:
-        with urllib.request.urlopen(request, timeout=_Patience().read_timeout):
-            return True
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return False
-        raise UserError(f"{contacted}: HTTP {e.code} {e.reason}{_mirror_note(url, contacted)}; "
-                        "check the URL or try again later") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"{contacted}: cannot connect ({_reason(e)}){_mirror_note(url, contacted)}; "
-                        "check your network or use a local copy") from None
+    return _env_number("LMHP_DOWNLOAD_TIMEOUT", _DEFAULT_DOWNLOAD_TIMEOUT, float, lambda s: s > 0,
+                       "a positive number of seconds")
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """A remote file being fetched: its canonical URL, the URL contacted and its cache file."""
+    """A remote file: its canonical URL, where it is read from (a URL, or a file of a mirror
+    folder under `mirror_root`) and its cache file."""
 
     url: str
     contacted: str
     target: Path
+    mirror_root: Path | None = None
 
     def error(self, problem: str, advice: str) -> UserError:
         """A one-line error naming the URL contacted and the cache file, and what to do."""
-        note = _mirror_note(self.url, self.contacted)
-        return UserError(f"{self.contacted}: {problem}{note}; cache file {self.target}; {advice}")
+        return UserError(f"{self.contacted}: {problem}{self.mirror_note()}; cache file {self.target}; {advice}")
+
+    def mirror_note(self) -> str:
+        """For messages that name the contacted URL: which canonical URL a mirror stood in for."""
+        return "" if self.contacted == self.url else f"; mirror (LMHP_MIRROR) of {self.url}"
 
 
-def fetch(path: str, retries: int = 5, backoff: float = 1.0) -> Path:
+def _entry(url: str) -> _Entry:
+    """The entry of a canonical URL: read from LMHP_MIRROR where it stands in for the public store."""
+    mirror = os.environ.get("LMHP_MIRROR")
+    target = cache.cache_path(url)
+    if not mirror or not url.startswith(PUBLIC_BASE + "/"):
+        return _Entry(url, url, target)
+    if is_remote(mirror):
+        return _Entry(url, mirror.rstrip("/") + url[len(PUBLIC_BASE):], target)
+    root = Path(mirror.removeprefix("file://")).expanduser()
+    host = urllib.parse.urlsplit(PUBLIC_BASE).netloc
+    base = root / host if (root / host).is_dir() else root  # a copied cache holds the host's folder
+    return _Entry(url, str(base / cache.url_path(url)), target, mirror_root=root)
+
+
+class Offline(UserError):
+    """A file neither in the cache nor reachable; its message names every way to go on offline.
+
+    `fetch_target` is what the message tells `fetch` to get: the model or file by default; a
+    command line that knows its experiment names that instead.
+    """
+
+    def __init__(self, entry: _Entry, attempts: int, reason: str):
+        self.url = entry.url
+        self.head = (f"{entry.contacted}: cannot connect after {attempts} attempt{'s' * (attempts > 1)} "
+                     f"({reason}){entry.mirror_note()}; cache file {entry.target}")
+        self.fetch_target = _fetch_name(entry.url)
+        super().__init__(self.head)
+
+    def __str__(self) -> str:
+        target = self.fetch_target
+        fetch_and_copy = (f"run `./launch.py fetch {target}` where there is one and copy its cache folder to "
+                          f"{cache.cache_dir()} (LMHP_CACHE_DIR)")
+        if not self.url.startswith(PUBLIC_BASE + "/"):
+            return f"{self.head}; to work without the network, {fetch_and_copy}, or give a local copy in its place"
+        return (f"{self.head}; to work without the network, {fetch_and_copy}, or copy the files in their URL layout "
+                f"(DIR/gpt-2/..., DIR/lm-human-preferences/...) here and run `./launch.py fetch {target} --from DIR` "
+                f"or set LMHP_MIRROR=DIR (or a mirror's URL){_local_copy_hint(self.url)}")
+
+
+_MODELS_PREFIX = f"{PUBLIC_BASE}/gpt-2/models/"
+
+
+def _fetch_name(url: str) -> str:
+    """What `fetch` takes to get `url`: a GPT-2 model's name, else the file's gs:// or URL."""
+    if url.startswith(_MODELS_PREFIX):
+        return url[len(_MODELS_PREFIX):].split("/", 1)[0]
+    return gs_path(url)
+
+
+def _local_copy_hint(url: str) -> str:
+    if url.startswith(_MODELS_PREFIX):
+        return ("; or give a local model folder as --task.policy.initial_model (a save folder's policy/, or a "
+                "Hugging Face GPT-2 folder)")
+    if url.startswith(f"{PUBLIC_BASE}/lm-human-preferences/labels/"):
+        return "; or give a local copy of the label file as --labels.source"
+    if url.startswith(f"{PUBLIC_BASE}/gpt-2/encodings/"):
+        return ""  # an encoding is named, not given by path: its files must be in the cache
+    return f"; or give a local copy in place of {gs_path(url)}"
+
+
+def exists(path: str) -> bool:
+    """Whether a local path or remote file exists: in the cache, recorded as absent (NOT_FOUND), or
+    asked of the server (HEAD, retried as downloads are)."""
+    if not is_remote(path):
+        return Path(path).expanduser().exists()
+    url = canonical_url(path)
+    target = cache.cache_path(url)
+    if target.is_file() or cache.migrate_legacy(url, target):
+        return True
+    if cache.is_not_found(url):
+        return False
+    entry = _entry(url)
+    found = _with_retries(entry, lambda patience: _probe(entry, patience.read_timeout), retry_count(), _BACKOFF_S)
+    if not found and url.startswith(PUBLIC_BASE + "/"):
+        cache.record_not_found(url)  # the buckets are archived: what they lack stays lacking
+    return found
+
+
+def _probe(entry: _Entry, timeout: float) -> bool:
+    if entry.mirror_root is not None:
+        return Path(entry.contacted).is_file()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(entry.contacted, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return False
+        if e.code >= 500 or e.code == 429:
+            raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+        raise entry.error(f"HTTP {e.code} {e.reason}", "check the URL and that it is public") from None
+    except (urllib.error.URLError, OSError, HTTPException) as e:
+        raise _Retryable(f"cannot connect: {_reason(e)}", connect=True) from None
+
+
+def fetch(path: str, retries: int | None = None, backoff: float = _BACKOFF_S) -> Path:
     """A local path to the file at `path` (local path, https:// or gs:// URL).
 
     Remote files are downloaded into the cache on first use; later calls (from any process)
-    reuse the cached copy.
+    reuse the cached copy. `retries` defaults to LMHP_RETRIES.
     """
     if not is_remote(path):
         local = Path(path).expanduser()
@@ -167,15 +239,17 @@ def fetch(path: str, retries: int = 5, backoff: float = 1.0) -> Path:
             raise UserError(f"{path}: no such file")
         return local
     url = canonical_url(path)
-    entry = _Entry(url, _fetch_url(url), cache_path(url))
-    if entry.target.exists():
+    entry = _entry(url)
+    if entry.target.is_file():
         return entry.target
     try:
         entry.target.parent.mkdir(parents=True, exist_ok=True)
         with _lock(entry) as lock_fd:
             _take_over(lock_fd, entry.target)
-            if not entry.target.exists():  # another process may have finished it while we waited
-                _download_with_retries(entry, retries, backoff)
+            # another process may have finished it while we waited, or an earlier version cached it
+            if not entry.target.exists() and not cache.migrate_legacy(url, entry.target):
+                _with_retries(entry, lambda patience: _download(entry, patience),
+                              retry_count() if retries is None else retries, backoff)
     except OSError as e:
         raise _os_error(e, entry) from None
     return entry.target
@@ -248,7 +322,11 @@ def _process_alive(pid: int) -> bool:
 
 
 class _Retryable(Exception):
-    pass
+    """An attempt that failed in a way another attempt may not; `connect`: no connection was made."""
+
+    def __init__(self, message: str, connect: bool = False):
+        super().__init__(message)
+        self.connect = connect
 
 
 def _reason(e: BaseException) -> str:
@@ -276,42 +354,80 @@ class _Patience:
         return self.total - (time.monotonic() - self.last_data)
 
 
-def _download_with_retries(entry: _Entry, retries: int, backoff: float) -> None:
+def _with_retries(entry: _Entry, attempt: Callable[[_Patience], T], retries: int, backoff: float) -> T:
+    """`attempt(patience)`, tried again after a _Retryable failure up to `retries` times, each pause
+    about twice the one before (jittered), within LMHP_DOWNLOAD_TIMEOUT of silence."""
     patience = _Patience()
-    for attempt in range(retries + 1):
+    for n in range(retries + 1):
         try:
-            _download(entry, patience)
-            return
+            return attempt(patience)
         except _Retryable as e:
-            if attempt == retries:
+            if n == retries:
+                if e.connect:
+                    raise Offline(entry, retries + 1, _reason(e).removeprefix("cannot connect: ")) from None
                 raise entry.error(f"download failed after {retries + 1} attempts ({e})",
                                   "check your network or try again later") from None
-            delay = backoff * 2 ** attempt * (1 + random.random())
+            delay = backoff * 2 ** n * (1 + random.random())
             if delay >= patience.left():
                 raise entry.error(
                     f"no data within LMHP_DOWNLOAD_TIMEOUT={patience.total:g} s ({e})",
                     "check your network, try again later or raise LMHP_DOWNLOAD_TIMEOUT") from None
             print(f"{entry.contacted}: {e}; retrying in {delay:.1f} s", file=sys.stderr)
             time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _Digests:
+    sha256: "hashlib._Hash"
+    md5: "hashlib._Hash"
 
 
 def _download(entry: _Entry, patience: _Patience) -> None:
-    """One attempt: stream into a temporary file beside the cache file, then rename into place."""
+    """One attempt: stream into a temporary file beside the cache file, check it, rename it into place."""
     partial = _partial_path(entry.target, os.getpid())
+    digests = _Digests(hashlib.sha256(), hashlib.md5())
     try:
-        response = _open(entry, patience.read_timeout)
-        with response, open(partial, "wb") as out:
-            expected = _content_length(response)
-            received = _copy_body(response, out, expected, patience, entry.target.name.split("-", 1)[-1])
-            if expected is not None and received != expected:
-                raise _Retryable(f"connection closed after {received} of {expected} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-        if expected is None:
-            _check_complete(partial, entry.target.suffix)
+        if entry.mirror_root is not None:
+            _copy_from_mirror_folder(entry, partial, patience, digests)
+        else:
+            _download_url(entry, partial, patience, digests)
         os.replace(partial, entry.target)
     finally:
         partial.unlink(missing_ok=True)
+    cache.record_sha256(entry.target, digests.sha256.hexdigest())
+
+
+def _download_url(entry: _Entry, partial: Path, patience: _Patience, digests: _Digests) -> None:
+    response = _open(entry, patience.read_timeout)
+    with response, open(partial, "wb") as out:
+        expected = _content_length(response)
+        received = _copy_body(response, out, expected, patience, entry.target.name, digests)
+        if expected is not None and received != expected:
+            raise _Retryable(f"connection closed after {received} of {expected} bytes")
+        content_md5 = response.headers.get("Content-MD5", "").strip()
+        if content_md5 and content_md5 != base64.b64encode(digests.md5.digest()).decode("ascii"):
+            raise _Retryable("the body does not match its Content-MD5 header")
+        out.flush()
+        os.fsync(out.fileno())
+    if expected is None and not completeness.is_complete(partial, entry.target.suffix):
+        raise _Retryable(f"the body came without Content-Length and is not a complete {entry.target.suffix} file")
+
+
+def _copy_from_mirror_folder(entry: _Entry, partial: Path, patience: _Patience, digests: _Digests) -> None:
+    """Copy the file from an LMHP_MIRROR folder, checked against the folder's SHA256SUMS if it lists it."""
+    source = Path(entry.contacted)
+    if not source.is_file():
+        raise entry.error(f"not in the mirror folder {entry.mirror_root}",
+                          "copy it there in the URL layout (or unset LMHP_MIRROR)")
+    with open(source, "rb") as response, open(partial, "wb") as out:
+        _copy_body(response, out, source.stat().st_size, patience, entry.target.name, digests)
+        out.flush()
+        os.fsync(out.fileno())
+    listed = cache.recorded_sha256(entry.mirror_root).get(source.relative_to(entry.mirror_root).as_posix())
+    if listed is not None and listed != digests.sha256.hexdigest():
+        raise entry.error(f"its SHA-256 is {digests.sha256.hexdigest()}, not the {listed} that "
+                          f"{entry.mirror_root / cache.SHA256SUMS} lists", "copy the file into the folder again")
 
 
 def _open(entry: _Entry, timeout: float) -> HTTPResponse:
@@ -324,7 +440,7 @@ def _open(entry: _Entry, timeout: float) -> HTTPResponse:
             raise _Retryable(f"HTTP {e.code} {e.reason}") from None
         raise entry.error(f"HTTP {e.code} {e.reason}", "check the URL and that it is public") from None
     except (urllib.error.URLError, OSError, HTTPException) as e:
-        raise _Retryable(f"cannot connect: {_reason(e)}") from None
+        raise _Retryable(f"cannot connect: {_reason(e)}", connect=True) from None
 
 
 def _content_length(response: HTTPResponse) -> int | None:
@@ -332,9 +448,9 @@ def _content_length(response: HTTPResponse) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _copy_body(response: HTTPResponse, out: BinaryIO, expected: int | None, patience: _Patience,
-               label: str) -> int:
-    """Copy the response body into `out`; the number of bytes received."""
+def _copy_body(response: BinaryIO, out: BinaryIO, expected: int | None, patience: _Patience, label: str,
+               digests: _Digests) -> int:
+    """Copy the response body into `out`, digesting it; the number of bytes received."""
     received = 0
     with tqdm(total=expected, unit="B", unit_scale=True, desc=label,
               disable=expected is None or expected < 10 * _CHUNK, file=sys.stderr) as bar:
@@ -349,79 +465,10 @@ def _copy_body(response: HTTPResponse, out: BinaryIO, expected: int | None, pati
                 return received
             patience.renew()
             out.write(chunk)
+            digests.sha256.update(chunk)
+            digests.md5.update(chunk)
             received += len(chunk)
             bar.update(len(chunk))
-
-
-def _json_complete(path: Path) -> bool:
-    try:
-        json.loads(path.read_bytes())
-    except ValueError:
-        return False
-    return True
-
-
-def _gzip_complete(path: Path) -> bool:
-    """Whether the file decompresses to the end (a truncated one lacks the gzip trailer)."""
-    try:
-        with gzip.open(path) as stream:
-            while stream.read(_CHUNK):
-                pass
-    except (EOFError, OSError, zlib.error):
-        return False
-    return True
-
-
-def _safetensors_complete(path: Path) -> bool:
-    """Whether the header fits the file and every tensor's data lies within it."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            return False
-        (header_size,) = struct.unpack("<Q", prefix)
-        if 8 + header_size > size:
-            return False
-        try:
-            header = json.loads(f.read(header_size))
-        except ValueError:
-            return False
-    data_size = size - 8 - header_size
-    if not isinstance(header, dict):
-        return False
-    tensors = [info for name, info in header.items() if name != "__metadata__"]
-    return all(_offsets_within(info, data_size) for info in tensors)
-
-
-def _offsets_within(info: object, data_size: int) -> bool:
-    offsets = info.get("data_offsets") if isinstance(info, dict) else None
-    return (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size)
-
-
-def _tf_index_complete(path: Path) -> bool:
-    """Whether the file ends with a table footer's magic number."""
-    with open(path, "rb") as f:
-        if f.seek(0, os.SEEK_END) < 48:  # shorter than a table footer
-            return False
-        f.seek(-8, os.SEEK_END)
-        return struct.unpack("<Q", f.read(8))[0] == _TF_TABLE_MAGIC
-
-
-# How to tell that a body sent without Content-Length arrived whole, by file suffix; other
-# types have no such check and are accepted as they come.
-_COMPLETENESS_CHECKS: dict[str, Callable[[Path], bool]] = {
-    ".json": _json_complete,
-    ".gz": _gzip_complete,
-    ".safetensors": _safetensors_complete,
-    ".index": _tf_index_complete,
-}
-
-
-def _check_complete(partial: Path, suffix: str) -> None:
-    check = _COMPLETENESS_CHECKS.get(suffix)
-    if check is not None and not check(partial):
-        raise _Retryable(f"the body came without Content-Length and is not a complete {suffix} file")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
