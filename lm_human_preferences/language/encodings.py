@@ -16,6 +16,7 @@ from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
 
 MAIN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+MAIN_FILES = ("encoder.json", "vocab.bpe")
 
 # GPT-2's pre-tokenization pattern (contractions, letters, numbers, other, whitespace).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -80,8 +81,7 @@ def mergeable_ranks(encoder: dict[str, int], merges: list[tuple[str, str]]) -> d
 
 def read_bpe_files(base_url: str = MAIN_URL) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Download (once, through the cache) and parse `encoder.json` and `vocab.bpe`."""
-    encoder_path = storage.fetch(storage.join(base_url, "encoder.json"))
-    bpe_path = storage.fetch(storage.join(base_url, "vocab.bpe"))
+    encoder_path, bpe_path = (storage.fetch(storage.join(base_url, name)) for name in MAIN_FILES)
     try:
         encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
         lines = bpe_path.read_text(encoding="utf-8").split("\n")
