@@ -108,7 +108,8 @@ def test_waiting_for_a_held_lock_times_out_clearly(http_server, monkeypatch):
     url = storage.canonical_url("gs://gpt-2/locked.bin")
     target = cache.cache_path(url)
     target.parent.mkdir(parents=True)
-    fd = os.open(target.with_name(target.name + ".lock"), os.O_CREAT | os.O_RDWR)
+    cache.lock_path(target).parent.mkdir(parents=True)
+    fd = os.open(cache.lock_path(target), os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
     monkeypatch.setenv("LMHP_LOCK_TIMEOUT", "0.5")
     try:

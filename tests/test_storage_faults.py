@@ -198,7 +198,8 @@ def test_partial_file_of_a_live_process_is_kept(server, tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # what a downloader leaves: its PID in the entry's lock file, and its temporary file
-        target.with_name(target.name + ".lock").write_text(f"{live.pid}\n")
+        cache.lock_path(target).parent.mkdir(parents=True)
+        cache.lock_path(target).write_text(f"{live.pid}\n")
         partial = target.with_name(f"{target.name}.partial-{live.pid}")
         partial.write_bytes(b"half")
         assert storage.fetch(gs_path).read_bytes() == b"whole file"

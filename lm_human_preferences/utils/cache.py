@@ -5,6 +5,7 @@
     <cache>/SHA256SUMS   the SHA-256 of every file put in the cache, as `sha256sum` writes it
                          (paths relative to <cache>: `cd <cache> && sha256sum -c SHA256SUMS` checks them)
     <cache>/NOT_FOUND    URLs of the original's buckets that answered "not found" (404), one a line
+    <cache>/.locks/      a lock file per entry, held while it downloads (kept out of the tree above)
 
 A cache copied to another machine works there as it is; its host folder is also a mirror in the
 URL layout (`fetch --from <cache>/openaipublic.blob.core.windows.net`, or LMHP_MIRROR=<that folder>).
@@ -48,6 +49,11 @@ def cache_path(url: str) -> Path:
     """Where the file at `url` is cached: <cache>/<host>/<path>."""
     host, parts = _host_and_parts(url)
     return cache_dir().joinpath(host, *parts)
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of a cache file, under <cache>/.locks/ in the same layout."""
+    return cache_dir() / ".locks" / f"{target.relative_to(cache_dir())}.lock"
 
 
 def url_path(url: str) -> str:

@@ -107,7 +107,8 @@ class _lock:
 
     def __init__(self, entry: Entry):
         self.entry = entry
-        self.path = entry.target.with_name(entry.target.name + ".lock")
+        self.path = cache.lock_path(entry.target)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> int:
         timeout = float(os.environ.get("LMHP_LOCK_TIMEOUT", "3600"))
