@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from lm_human_preferences.cli.main import main
+from lm_human_preferences.language import hf, trained_models
 from lm_human_preferences.utils import cache, storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,14 @@ def test_mirror_folder_and_local_copies_are_ways_out(network_off, mirror, tmp_pa
                  "--labels.source", str(tmp_path / "labels.json"),
                  "--task.query_dataset", f"labels:{tmp_path / 'labels.json'}")
     assert reward.returncode == 0, reward.stderr
+    # a Hugging Face GPT-2 folder in place of 124M
+    model, encoding = trained_models.load_initial(str(tmp_path / "gpt2"))
+    hf.export_folder(model, tmp_path / "hf", encoding)
+    labels = run("label.py", "descriptiveness", "--out", str(tmp_path / "hf_labels.json"), "--n", "4", *TINY_TASK,
+                 "--task.policy.initial_model", str(tmp_path / "hf"),
+                 "--task.query_dataset", f"labels:{tmp_path / 'labels.json'}", "--labeler", "descriptiveness")
+    assert labels.returncode == 0, labels.stderr
+    assert len(json.loads((tmp_path / "hf_labels.json").read_text())) == 4
 
 
 def test_dry_run_lists_files_and_sizes_and_fetches_nothing(network_off, mirror, capsys):
