@@ -229,3 +229,5 @@ def test_fetch_errors(network_off, tmp_path, capsys):
     assert "--from " in capsys.readouterr().err
     assert main("fetch", ["124M"]) == 1
     assert "`./launch.py fetch 124M --from DIR`" in capsys.readouterr().err
+    assert main("fetch", ["mock_descriptiveness", "test"]) == 0
+    assert capsys.readouterr().out == "nothing to download: mock_descriptiveness test read only what the package ships\n"

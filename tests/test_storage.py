@@ -145,3 +145,37 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     storage.atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+def test_existence_checks_retry_as_downloads_do(http_server, monkeypatch):
+    http_server.add_file("gpt-2/flaky-head.txt", b"here")
+    http_server.script("gpt-2/flaky-head.txt", "500")
+    assert storage.exists("gs://gpt-2/flaky-head.txt")
+    assert http_server.count("gpt-2/flaky-head.txt") == 2
+    monkeypatch.setenv("LMHP_RETRIES", "0")
+    with pytest.raises(storage.Offline, match="cannot connect after 1 attempt "):
+        storage.exists("http://127.0.0.1:9/file.json")
+    monkeypatch.setenv("LMHP_RETRIES", "-1")
+    with pytest.raises(UserError, match="LMHP_RETRIES='-1' is not a whole number ≥ 0; fix or unset it"):
+        storage.fetch("gs://gpt-2/flaky-head.txt")
+
+
+def test_absent_public_files_are_remembered_and_others_asked_again(http_server):
+    assert not storage.exists("gs://gpt-2/absent.json")
+    assert (cache.cache_dir() / cache.NOT_FOUND).read_text() == f"{BASE}/gpt-2/absent.json\n"
+    http_server.add_file("gpt-2/absent.json", b"{}")  # the archived buckets never change; the record holds
+    assert not storage.exists("gs://gpt-2/absent.json")
+    assert http_server.count("gpt-2/absent.json") == 1
+    other = f"{http_server.url}/gpt-2/other.json"  # not the public store: never recorded
+    assert not storage.exists(other)
+    http_server.add_file("gpt-2/other.json", b"{}")
+    assert storage.exists(other)
+
+
+def test_cache_paths_mirror_the_urls():
+    assert cache.cache_path(f"{BASE}/gpt-2/models/124M/hparams.json") == \
+        cache.cache_dir() / "openaipublic.blob.core.windows.net/gpt-2/models/124M/hparams.json"
+    assert cache.cache_path("https://user:pw@example.com:8080/a/../b/./c.json") == \
+        cache.cache_dir() / "example.com:8080/a/b/c.json"
+    with_query = cache.cache_path("https://example.com/x.json?v=1")
+    assert with_query.name.startswith("x.json@") and with_query != cache.cache_path("https://example.com/x.json?v=2")

@@ -55,7 +55,7 @@ MODES = ("train", "test")  # the query splits runs read: training and normalizat
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to fetch: `kind` is model, reward_model, run, dataset or file."""
+    """One thing to fetch: `kind` is model, reward_model, folder (looked into when fetched), dataset or file."""
 
     kind: str
     name: str
@@ -77,6 +77,9 @@ def fetch_command(args: list[str]) -> None:
     if not targets:
         raise UserError("give an experiment, a model or a URL to fetch (see launch.py fetch --help)")
     items = list(dict.fromkeys(item for target in targets for item in expand(target)))
+    if not items:
+        print(f"nothing to download: {' '.join(targets)} read only what the package ships")
+        return
     with _reading_from(source):
         if dry_run:
             list_items(items)
