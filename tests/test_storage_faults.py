@@ -3,10 +3,13 @@
 A server of its own (on 127.0.0.1, standing in for LMHP_MIRROR) answers each path in one of
 these ways: 'sized' (the body with its Content-Length), 'unsized' (the body, no
 Content-Length, end marked by closing the connection), 'short' (the whole body's
-Content-Length, then half the body) and 'stall' (the headers, then silence).
+Content-Length, then half the body), 'stall' (the headers, then silence), 'md5' and 'wrong_md5'
+(sized, with the body's Content-MD5 or another body's).
 """
 
+import base64
 import gzip
+import hashlib
 import http.server
 import json
 import re
@@ -45,6 +48,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         if mode != "unsized":
             self.send_header("Content-Length", str(len(body)))
+        if mode in ("md5", "wrong_md5"):
+            digest = hashlib.md5(body if mode == "md5" else body + b"!").digest()
+            self.send_header("Content-MD5", base64.b64encode(digest).decode())
         self.end_headers()
         if mode == "short":
             body = body[: len(body) // 2]
@@ -207,3 +213,15 @@ def test_partial_file_of_a_live_process_is_kept(server, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_body_that_does_not_match_its_content_md5_is_never_cached(server, tmp_path):
+    path = "gpt-2/md5/file.bin"
+    gs_path = server.serve(path, b"payload" * 100, mode="wrong_md5")
+    expected = _message(server, path, "download failed after 2 attempts (the body does not match its Content-MD5 "
+                        "header)", "check your network or try again later")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        storage.fetch(gs_path, retries=1, backoff=0.01)
+    assert _cache_contents(tmp_path) == []
+    server.serve(path, b"payload" * 100, mode="md5")
+    assert storage.fetch(gs_path, retries=0).read_bytes() == b"payload" * 100
