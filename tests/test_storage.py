@@ -179,3 +179,17 @@ def test_cache_paths_mirror_the_urls():
         cache.cache_dir() / "example.com:8080/a/b/c.json"
     with_query = cache.cache_path("https://example.com/x.json?v=1")
     assert with_query.name.startswith("x.json@") and with_query != cache.cache_path("https://example.com/x.json?v=2")
+
+
+def test_a_mirror_folder_stands_in_for_the_public_store(tmp_path, monkeypatch):
+    folder = tmp_path / "mirror"
+    (folder / "gpt-2/models/x").mkdir(parents=True)
+    (folder / "gpt-2/models/x/hparams.json").write_text("{}")
+    monkeypatch.setenv("LMHP_MIRROR", str(folder))
+    assert storage.fetch("gs://gpt-2/models/x/hparams.json").read_text() == "{}"
+    assert not storage.exists("gs://gpt-2/models/x/checkpoint")
+    (folder / "gpt-2/models/x/checkpoint").write_text("copied in later")  # looked for again in the folder
+    assert storage.exists("gs://gpt-2/models/x/checkpoint")
+    with pytest.raises(UserError, match=re.escape(f"{folder}/gpt-2/models/x/other: not in the mirror folder {folder}; "
+                                                  f"mirror (LMHP_MIRROR) of {BASE}/gpt-2/models/x/other; cache file")):
+        storage.fetch("gs://gpt-2/models/x/other")

@@ -11,7 +11,8 @@ A cache copied to another machine works there as it is; its host folder is also 
 URL layout (`fetch --from <cache>/openaipublic.blob.core.windows.net`, or LMHP_MIRROR=<that folder>).
 The buckets are archived, so a file they lack stays lacking: NOT_FOUND lets a run without the
 network tell "absent" (the books passages, the layouts a model folder is probed for) from "not
-downloaded yet". Delete a line of it to ask the server again.
+downloaded yet". A mirror folder (LMHP_MIRROR, fetch --from) is always looked into again; for the
+store itself or a mirror's URL, delete a line of NOT_FOUND to ask again.
 
 Earlier versions named each file `<12 hex digits of sha256(url)>-<name>` in its folder. Such an
 entry is moved to its new name the first time it is looked up: it was only ever renamed into

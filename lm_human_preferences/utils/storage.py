@@ -69,7 +69,12 @@ def canonical_url(path: str) -> str:
 
 def gs_path(url: str) -> str:
     """The original's gs:// name of a canonical URL of its buckets; other URLs as they are."""
-    return "gs://" + url[len(PUBLIC_BASE) + 1:] if url.startswith(PUBLIC_BASE + "/") else url
+    return "gs://" + url[len(PUBLIC_BASE) + 1:] if _is_public(url) else url
+
+
+def _is_public(url: str) -> bool:
+    """Whether a canonical URL is one of the original's files (which LMHP_MIRROR stands in for)."""
+    return url.startswith(PUBLIC_BASE + "/")
 
 
 def join(base: str, *parts: str) -> str:
@@ -83,7 +88,7 @@ def _entry(url: str) -> Entry:
     """The entry of a canonical URL: read from LMHP_MIRROR where it stands in for the public store."""
     mirror = os.environ.get("LMHP_MIRROR")
     target = cache.cache_path(url)
-    if not mirror or not url.startswith(PUBLIC_BASE + "/"):
+    if not mirror or not _is_public(url):
         return Entry(url, url, target)
     if is_remote(mirror):
         return Entry(url, mirror.rstrip("/") + url[len(PUBLIC_BASE):], target)
@@ -111,7 +116,7 @@ class Offline(UserError):
         target = self.fetch_target
         fetch_and_copy = (f"run `./launch.py fetch {target}` where there is one and copy its cache folder to "
                           f"{cache.cache_dir()} (LMHP_CACHE_DIR)")
-        if not self.url.startswith(PUBLIC_BASE + "/"):
+        if not _is_public(self.url):
             return f"{self.head}; to work without the network, {fetch_and_copy}, or give a local copy in its place"
         return (f"{self.head}; to work without the network, {fetch_and_copy}, or copy the files in their URL layout "
                 f"(DIR/gpt-2/..., DIR/lm-human-preferences/...) here and run `./launch.py fetch {target} --from DIR` "
@@ -148,12 +153,12 @@ def exists(path: str) -> bool:
     target = cache.cache_path(url)
     if target.is_file() or cache.migrate_legacy(url, target):
         return True
-    if cache.is_not_found(url):
-        return False
     entry = _entry(url)
+    if entry.mirror_root is None and cache.is_not_found(url):  # a mirror folder is looked into: a file copied
+        return False                                          # there since its absence was recorded counts
     found = _retrying(entry, lambda patience: download.probe(entry, patience.read_timeout), download.retry_count(),
                       download.BACKOFF_S)
-    if not found and url.startswith(PUBLIC_BASE + "/"):
+    if not found and _is_public(url):
         cache.record_not_found(url)  # the buckets are archived: what they lack stays lacking
     return found
 
@@ -165,13 +170,13 @@ def where(path: str) -> tuple[str, int | None]:
     target = cache.cache_path(url)
     if target.is_file() or cache.migrate_legacy(url, target):
         return "in the cache", target.stat().st_size
-    if cache.is_not_found(url):
-        return f"not found (listed in {cache.cache_dir() / cache.NOT_FOUND})", None
     entry = _entry(url)
     if entry.mirror_root is not None:
         source = Path(entry.contacted)
         return (f"in {entry.mirror_root}", source.stat().st_size) if source.is_file() else (
             f"not in {entry.mirror_root}", None)
+    if cache.is_not_found(url):
+        return f"not found (listed in {cache.cache_dir() / cache.NOT_FOUND})", None
     try:
         request = urllib.request.Request(entry.contacted, method="HEAD")
         with urllib.request.urlopen(request, timeout=download.Patience().read_timeout) as response:
@@ -180,6 +185,7 @@ def where(path: str) -> tuple[str, int | None]:
         return f"HTTP {e.code} {e.reason}", None
     except (urllib.error.URLError, OSError, HTTPException) as e:
         return f"cannot connect ({download.reason(e)})", None
+
 
 def fetch(path: str, retries: int | None = None, backoff: float = download.BACKOFF_S) -> Path:
     """A local path to the file at `path` (local path, https:// or gs:// URL).
@@ -220,6 +226,7 @@ def _os_error(e: OSError, entry: Entry) -> UserError:
     if e.errno == errno.ENOSPC:
         return entry.error("disk full while saving the download", "free space or set LMHP_CACHE_DIR to another disk")
     return entry.error(f"cannot write into the cache ({e.strerror})", "set LMHP_CACHE_DIR to a writable folder")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see either the old file or the whole new one."""
