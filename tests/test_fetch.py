@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lm_human_preferences.cli.main import main
-from lm_human_preferences.language import hf, trained_models
+from lm_human_preferences.language import encodings, hf, trained_models
 from lm_human_preferences.utils import cache, storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +194,11 @@ def test_mirror_folder_and_local_copies_are_ways_out(network_off, mirror, tmp_pa
     assert len(json.loads((tmp_path / "hf_labels.json").read_text())) == 4
 
 
-def test_dry_run_lists_files_and_sizes_and_fetches_nothing(network_off, mirror, capsys):
+def test_dry_run_lists_files_and_sizes_and_fetches_nothing(network_off, mirror, capsys, monkeypatch, tmp_path):
+    with monkeypatch.context() as elsewhere:  # the process already holds the encoding, from another cache
+        elsewhere.setenv("LMHP_MIRROR", str(mirror))
+        elsewhere.setenv("LMHP_CACHE_DIR", str(tmp_path / "other_cache"))
+        encodings.get("main")
     assert main("launch", ["fetch", "descriptiveness", "--dry_run", "--from", str(mirror)]) == 0
     printed = capsys.readouterr().out
     size = (mirror / "gpt-2/models/124M/model.ckpt.data-00000-of-00001").stat().st_size

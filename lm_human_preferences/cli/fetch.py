@@ -166,7 +166,7 @@ def fetch_item(item: Item) -> str:
 def _fetch_model(name: str) -> str:
     saved = trained_models.load(trained_models.GPT2_URL.format(name=name) if name in trained_models.GPT2_MODELS
                                 else name)
-    encodings.get(saved.encoding)
+    encodings.fetch_files(saved.encoding)
     return f"ready ({len(saved.tensors)} tensors read and checked; encoding {saved.encoding!r})"
 
 

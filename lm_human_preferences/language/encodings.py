@@ -163,9 +163,21 @@ def _kjv_words() -> Encoding:
 _ENCODINGS: dict[str, Callable[[], Encoding]] = {"main": _main, "test": _test, "kjv_words": _kjv_words}
 
 
+def fetch_files(name: str) -> None:
+    """Download the files encoding `name` reads into the cache, checking they parse and agree,
+    even where `get` already built it in memory. Encodings other than `main` ship in the package."""
+    _check_name(name)
+    if name == "main":
+        mergeable_ranks(*read_bpe_files())
+
+
 def get(name: str) -> Encoding:
     """The encoding called `name`; `main` downloads its two files on first use."""
+    _check_name(name)
+    return _ENCODINGS[name]()
+
+
+def _check_name(name: str) -> None:
     if name not in _ENCODINGS:
         raise UserError(f"unknown encoding {name!r}; known: {', '.join(sorted(_ENCODINGS))}")
-    return _ENCODINGS[name]()
 
