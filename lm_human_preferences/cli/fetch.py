@@ -33,8 +33,9 @@ Download everything the targets need into the cache (LMHP_CACHE_DIR, default
 once fetched, which checks the TensorFlow checkpoints' CRC-32C and our checkpoints' SHA-256.
 
 targets:
-  EXPERIMENT         a train_reward or train_policy experiment (%(experiments)s):
-                     its models, encoding, label files and query datasets
+  EXPERIMENT         a train_reward or train_policy experiment: its models, encoding, label files
+                     and query datasets; one of
+                     %(experiments)s
   MODEL              a GPT-2 model: %(models)s
   gs://... https://...  a file, or a model, reward-model or run folder (a path whose last part
                      has no '.' is taken for a folder), e.g. gs://lm-human-preferences/runs/descriptiveness
