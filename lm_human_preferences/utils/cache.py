@@ -20,6 +20,7 @@ place whole, so it needs no download again (and none is possible offline).
 """
 
 import fcntl
+import functools
 import hashlib
 import os
 import urllib.parse
@@ -109,14 +110,24 @@ def record_sha256(target: Path, digest: str) -> None:
 
 
 def recorded_sha256(root: Path) -> dict[str, str]:
-    """Relative path → SHA-256 from `root`/SHA256SUMS (empty without one); a later line wins."""
-    sums = {}
+    """Relative path → SHA-256 from `root`/SHA256SUMS (empty without one); a later line wins.
+
+    Parsed once per version of the file: copying cnndm's stories from a folder asks for each one.
+    """
     path = root / SHA256SUMS
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            digest, sep, name = line.partition("  ")
-            if sep and len(digest) == 64:
-                sums[name.removeprefix("*")] = digest
+    if not path.is_file():
+        return {}
+    stat = path.stat()
+    return _parse_sums(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_sums(path: str, mtime_ns: int, size: int) -> dict[str, str]:
+    sums = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and len(digest) == 64:
+            sums[name.removeprefix("*")] = digest
     return sums
 
 
