@@ -235,3 +235,19 @@ def test_fetch_errors(network_off, tmp_path, capsys):
     assert "`./launch.py fetch 124M --from DIR`" in capsys.readouterr().err
     assert main("fetch", ["mock_descriptiveness", "test"]) == 0
     assert capsys.readouterr().out == "nothing to download: mock_descriptiveness test read only what the package ships\n"
+
+
+def test_fetch_over_http_on_a_connected_machine(http_server, capsys):
+    """The first step of an air-gapped set-up: conftest's server stands in for the public store."""
+    for file in (FIXTURES / "gpt2").iterdir():
+        if file.name in trained_models.GPT2_RELEASE_FILES:
+            http_server.add_file(f"gpt-2/models/124M/{file.name}", file.read_bytes())
+    probes = http_server.count("gpt-2/models/124M/checkpoints/latest")  # the server serves the whole session
+    assert main("fetch", ["124M"]) == 0
+    assert "model 124M: ready (28 tensors read and checked; encoding 'main')" in capsys.readouterr().out
+    assert [name for name in _cached_files() if name.startswith(HOST)] == sorted(
+        [f"{HOST}/gpt-2/models/124M/{name}" for name in trained_models.GPT2_RELEASE_FILES]
+        + [f"{HOST}/gpt-2/encodings/main/{name}" for name in encodings.MAIN_FILES])
+    assert http_server.count("gpt-2/models/124M/checkpoints/latest") == probes + 1
+    assert main("fetch", ["124M"]) == 0  # asked once: the answer is kept in NOT_FOUND
+    assert http_server.count("gpt-2/models/124M/checkpoints/latest") == probes + 1
