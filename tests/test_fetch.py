@@ -140,6 +140,12 @@ def test_fetch_from_a_mirror_folder_then_the_readme_commands_run_offline(network
                  f"{save}/train_policy", *TINY_POLICY)
     assert policy.returncode == 0, policy.stderr
     assert (save / "train_policy/testdesc/policy/checkpoints/latest").exists()
+    nested_reward = [f"--rewards.train_new_model.{flag[2:]}" if flag.startswith("--") else flag
+                     for flag in TINY_REWARD[len(TINY_TASK):]]  # --task.* applies to both
+    both = run("launch.py", "train_policy", "descriptiveness", "testboth", "--save_dir", f"{save}/train_policy",
+               *TINY_POLICY, *nested_reward)
+    assert both.returncode == 0, both.stderr
+    assert (save / "train_policy/testboth/reward_model/checkpoints/latest").exists()
     sample = run("sample.py", "sample", "--save_dir", RUN, "--savescope", "policy", "--mpi", "1", "--nsamples", "2")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.count("=" * 80) == 2
@@ -147,7 +153,7 @@ def test_fetch_from_a_mirror_folder_then_the_readme_commands_run_offline(network
     export = run("label.py", "export", LABELS, "--experiment", "descriptiveness", "--out", str(out), *TINY_TASK[:4])
     assert export.returncode == 0, export.stderr
     assert len(out.read_text().splitlines()) == 40 * 3
-    assert "retrying" not in reward.stderr + policy.stderr + sample.stderr + export.stderr
+    assert "retrying" not in reward.stderr + policy.stderr + both.stderr + sample.stderr + export.stderr
 
 
 def test_a_copied_cache_works_as_it_is_and_as_a_source_checked_by_its_sums(network_off, mirror, tmp_path,
