@@ -100,7 +100,7 @@ def locked(entry: Entry) -> Iterator[None]:
 
 
 class _lock:
-    """An exclusive flock on the entry's `.lock` file, polled for LMHP_LOCK_TIMEOUT seconds.
+    """An exclusive flock on the entry's lock file (cache.lock_path), polled for LMHP_LOCK_TIMEOUT seconds.
 
     Entering gives the lock file's descriptor.
     """
@@ -225,16 +225,22 @@ def with_retries(entry: Entry, attempt: Callable[[Patience], T], retries: int, b
     raise AssertionError("unreachable")
 
 
-@dataclass
 class _Digests:
-    sha256: "hashlib._Hash"
-    md5: "hashlib._Hash"
+    """A body's SHA-256 (recorded in the cache) and MD5 (checked against a Content-MD5), as it arrives."""
+
+    def __init__(self):
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5()
+
+    def update(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        self.md5.update(chunk)
 
 
 def attempt(entry: Entry, patience: Patience) -> None:
     """One attempt: stream into a temporary file beside the cache file, check it, rename it into place."""
     partial = _partial_path(entry.target, os.getpid())
-    digests = _Digests(hashlib.sha256(), hashlib.md5())
+    digests = _Digests()
     try:
         if entry.mirror_root is not None:
             _copy_from_mirror_folder(entry, partial, patience, digests)
@@ -313,8 +319,7 @@ def _copy_body(response: BinaryIO, out: BinaryIO, expected: int | None, patience
                 return received
             patience.renew()
             out.write(chunk)
-            digests.sha256.update(chunk)
-            digests.md5.update(chunk)
+            digests.update(chunk)
             received += len(chunk)
             bar.update(len(chunk))
 
