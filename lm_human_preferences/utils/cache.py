@@ -72,12 +72,16 @@ def _legacy_path(url: str) -> Path:
 
 
 def migrate_legacy(url: str, target: Path) -> bool:
-    """Move the entry of `url` from the old hash layout to `target`; whether there was one."""
+    """Move the entry of `url` from the old hash layout to `target`; whether the entry is now there
+    (moved by this process or, a moment before, by another)."""
     legacy = _legacy_path(url)
     if not legacy.is_file():
-        return False
+        return target.is_file()
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(legacy, target)
+    try:
+        os.replace(legacy, target)
+    except FileNotFoundError:
+        return target.is_file()
     legacy.with_name(legacy.name + ".lock").unlink(missing_ok=True)
     record_sha256(target, file_sha256(target))
     return True
