@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import cache, storage
 from lm_human_preferences.utils.errors import UserError
 
 BASE = storage.PUBLIC_BASE
@@ -64,7 +64,9 @@ def test_404_is_not_retried_and_names_the_url(http_server, tmp_path):
 
 
 def _cache_files(tmp_path):
-    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    records = (cache.SHA256SUMS, cache.NOT_FOUND)  # the cache's own lists, at its root
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*")
+                  if p.is_file() and not p.name.endswith(".lock") and p.name not in records)
 
 
 def test_dropped_connection_never_leaves_a_partial_file(http_server, tmp_path):
@@ -81,8 +83,13 @@ def test_dropped_connection_never_leaves_a_partial_file(http_server, tmp_path):
 
 
 def test_unreachable_host_is_a_clear_error():
-    with pytest.raises(UserError, match="download failed after 2 attempts .*cannot connect"):
-        storage.fetch("http://127.0.0.1:9/file.json", retries=1, backoff=0.01)
+    url = "http://127.0.0.1:9/file.json"
+    with pytest.raises(storage.Offline) as caught:
+        storage.fetch(url, retries=1, backoff=0.01)
+    assert str(caught.value).startswith(f"{url}: cannot connect after 2 attempts (")
+    assert str(caught.value).endswith(f"; cache file {cache.cache_path(url)}; to work without the network, run "
+                                      f"`./launch.py fetch {url}` where there is one and copy its cache folder to "
+                                      f"{cache.cache_dir()} (LMHP_CACHE_DIR), or give a local copy in its place")
 
 
 def test_processes_share_one_download(http_server, tmp_path):
@@ -99,9 +106,10 @@ def test_processes_share_one_download(http_server, tmp_path):
 def test_waiting_for_a_held_lock_times_out_clearly(http_server, monkeypatch):
     http_server.add_file("gpt-2/locked.bin", b"z")
     url = storage.canonical_url("gs://gpt-2/locked.bin")
-    target = storage.cache_path(url)
+    target = cache.cache_path(url)
     target.parent.mkdir(parents=True)
-    fd = os.open(target.with_name(target.name + ".lock"), os.O_CREAT | os.O_RDWR)
+    cache.lock_path(target).parent.mkdir(parents=True)
+    fd = os.open(cache.lock_path(target), os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
     monkeypatch.setenv("LMHP_LOCK_TIMEOUT", "0.5")
     try:
@@ -119,7 +127,7 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(http_server, tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    target = storage.cache_path(storage.canonical_url("gs://gpt-2/full.bin"))
+    target = cache.cache_path(storage.canonical_url("gs://gpt-2/full.bin"))
     expected = (f"{http_server.url}/gpt-2/full.bin: disk full while saving the download; "
                 f"mirror (LMHP_MIRROR) of {BASE}/gpt-2/full.bin; cache file {target}; free space or set LMHP_CACHE_DIR")
     with pytest.raises(UserError, match=re.escape(expected)):
@@ -170,3 +178,51 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     storage.atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+def test_existence_checks_retry_as_downloads_do(http_server, monkeypatch):
+    http_server.add_file("gpt-2/flaky-head.txt", b"here")
+    http_server.script("gpt-2/flaky-head.txt", "500")
+    assert storage.exists("gs://gpt-2/flaky-head.txt")
+    assert http_server.count("gpt-2/flaky-head.txt") == 2
+    monkeypatch.setenv("LMHP_RETRIES", "0")
+    with pytest.raises(storage.Offline, match="cannot connect after 1 attempt "):
+        storage.exists("http://127.0.0.1:9/file.json")
+    monkeypatch.setenv("LMHP_RETRIES", "-1")
+    with pytest.raises(UserError, match="LMHP_RETRIES='-1' is not a whole number ≥ 0; fix or unset it"):
+        storage.fetch("gs://gpt-2/flaky-head.txt")
+
+
+def test_absent_public_files_are_remembered_and_others_asked_again(http_server):
+    assert not storage.exists("gs://gpt-2/absent.json")
+    assert (cache.cache_dir() / cache.NOT_FOUND).read_text() == f"{BASE}/gpt-2/absent.json\n"
+    http_server.add_file("gpt-2/absent.json", b"{}")  # the archived buckets never change; the record holds
+    assert not storage.exists("gs://gpt-2/absent.json")
+    assert http_server.count("gpt-2/absent.json") == 1
+    other = f"{http_server.url}/gpt-2/other.json"  # not the public store: never recorded
+    assert not storage.exists(other)
+    http_server.add_file("gpt-2/other.json", b"{}")
+    assert storage.exists(other)
+
+
+def test_cache_paths_mirror_the_urls():
+    assert cache.cache_path(f"{BASE}/gpt-2/models/124M/hparams.json") == \
+        cache.cache_dir() / "openaipublic.blob.core.windows.net/gpt-2/models/124M/hparams.json"
+    assert cache.cache_path("https://user:pw@example.com:8080/a/../b/./c.json") == \
+        cache.cache_dir() / "example.com:8080/a/b/c.json"
+    with_query = cache.cache_path("https://example.com/x.json?v=1")
+    assert with_query.name.startswith("x.json@") and with_query != cache.cache_path("https://example.com/x.json?v=2")
+
+
+def test_a_mirror_folder_stands_in_for_the_public_store(tmp_path, monkeypatch):
+    folder = tmp_path / "mirror"
+    (folder / "gpt-2/models/x").mkdir(parents=True)
+    (folder / "gpt-2/models/x/hparams.json").write_text("{}")
+    monkeypatch.setenv("LMHP_MIRROR", str(folder))
+    assert storage.fetch("gs://gpt-2/models/x/hparams.json").read_text() == "{}"
+    assert not storage.exists("gs://gpt-2/models/x/checkpoint")
+    (folder / "gpt-2/models/x/checkpoint").write_text("copied in later")  # looked for again in the folder
+    assert storage.exists("gs://gpt-2/models/x/checkpoint")
+    with pytest.raises(UserError, match=re.escape(f"{folder}/gpt-2/models/x/other: not in the mirror folder {folder}; "
+                                                  f"mirror (LMHP_MIRROR) of {BASE}/gpt-2/models/x/other; cache file")):
+        storage.fetch("gs://gpt-2/models/x/other")

@@ -3,10 +3,13 @@
 A server of its own (on 127.0.0.1, standing in for LMHP_MIRROR) answers each path in one of
 these ways: 'sized' (the body with its Content-Length), 'unsized' (the body, no
 Content-Length, end marked by closing the connection), 'short' (the whole body's
-Content-Length, then half the body) and 'stall' (the headers, then silence).
+Content-Length, then half the body), 'stall' (the headers, then silence), 'md5' and 'wrong_md5'
+(sized, with the body's Content-MD5 or another body's).
 """
 
+import base64
 import gzip
+import hashlib
 import http.server
 import json
 import re
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from lm_human_preferences.language.tf_checkpoint import TABLE_MAGIC
-from lm_human_preferences.utils import storage
+from lm_human_preferences.utils import cache, storage
 from lm_human_preferences.utils.errors import UserError
 
 # How long a stalled answer stays silent before sending the body after all, so that a client
@@ -45,6 +48,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         if mode != "unsized":
             self.send_header("Content-Length", str(len(body)))
+        if mode in ("md5", "wrong_md5"):
+            digest = hashlib.md5(body if mode == "md5" else body + b"!").digest()
+            self.send_header("Content-MD5", base64.b64encode(digest).decode())
         self.end_headers()
         if mode == "short":
             body = body[: len(body) // 2]
@@ -87,7 +93,7 @@ def server(monkeypatch) -> Iterator[FaultServer]:
 
 
 def _cache_file(gs_path: str) -> Path:
-    return storage.cache_path(storage.canonical_url(gs_path))
+    return cache.cache_path(storage.canonical_url(gs_path))
 
 
 def _message(server: FaultServer, path: str, problem: str, advice: str) -> str:
@@ -98,7 +104,9 @@ def _message(server: FaultServer, path: str, problem: str, advice: str) -> str:
 
 
 def _cache_contents(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    records = (cache.SHA256SUMS, cache.NOT_FOUND)  # the cache's own lists, at its root
+    return sorted(p.name for p in (tmp_path / "cache").rglob("*")
+                  if p.is_file() and not p.name.endswith(".lock") and p.name not in records)
 
 
 def _safetensors(data: bytes) -> bytes:
@@ -196,7 +204,8 @@ def test_partial_file_of_a_live_process_is_kept(server, tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # what a downloader leaves: its PID in the entry's lock file, and its temporary file
-        target.with_name(target.name + ".lock").write_text(f"{live.pid}\n")
+        cache.lock_path(target).parent.mkdir(parents=True)
+        cache.lock_path(target).write_text(f"{live.pid}\n")
         partial = target.with_name(f"{target.name}.partial-{live.pid}")
         partial.write_bytes(b"half")
         assert storage.fetch(gs_path).read_bytes() == b"whole file"
@@ -204,3 +213,15 @@ def test_partial_file_of_a_live_process_is_kept(server, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_body_that_does_not_match_its_content_md5_is_never_cached(server, tmp_path):
+    path = "gpt-2/md5/file.bin"
+    gs_path = server.serve(path, b"payload" * 100, mode="wrong_md5")
+    expected = _message(server, path, "download failed after 2 attempts (the body does not match its Content-MD5 "
+                        "header)", "check your network or try again later")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        storage.fetch(gs_path, retries=1, backoff=0.01)
+    assert _cache_contents(tmp_path) == []
+    server.serve(path, b"payload" * 100, mode="md5")
+    assert storage.fetch(gs_path, retries=0).read_bytes() == b"payload" * 100

@@ -57,11 +57,12 @@ def label_command(args: list[str]) -> None:
     if labeler is None:
         raise UserError(f"experiment {args[0]!r} has no mock labeler; choose one with --labeler")
     noise = options.pop_float(flags, "noise", 0.0, positive=False)
-    policy_name = flags.pop("policy", None) or hp.task.policy.initial_model
+    policy_name = flags.pop("policy", None)
     for key, value in flags.items():
         if not key.startswith("task."):
             raise UserError(f"unknown option --{key} (see --help)")
         hp.override_from_str(key, value)
+    policy_name = policy_name or hp.task.policy.initial_model  # after --task.policy.initial_model, if given
     hp.task.validate("task.")
     if policy_name != hp.task.policy.initial_model:  # the answering policy's context must fit the task too
         hp.task.policy.initial_model = policy_name

@@ -3,7 +3,7 @@
 import os
 
 from lm_human_preferences import experiments
-from lm_human_preferences.cli import options
+from lm_human_preferences.cli import fetch, options
 from lm_human_preferences.training import train_policy
 from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
@@ -11,6 +11,7 @@ from lm_human_preferences.utils.errors import UserError
 LAUNCH_HELP = """\
 usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--mpi N] [--save_dir D] [--dry_run]
                  [--<dotted.hparam> VALUE ...]
+       launch.py fetch EXPERIMENT|MODEL|URL ... [--from DIR] [--dry_run]   (launch.py fetch --help)
 
 Train a reward model from human labels (train_reward) or fine-tune a policy with PPO
 against one (train_policy), with the hyper-parameters of a named experiment.
@@ -59,6 +60,8 @@ def resolve(mode: str, experiment: str, name: str, flags: dict[str, str], ranks:
 
 
 def launch(args: list[str]) -> None:
+    if args and args[0] == "fetch":
+        return fetch.fetch_command(args[1:])
     if not args or "--help" in args or "-h" in args:
         print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY)))
         if not args:

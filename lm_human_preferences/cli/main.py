@@ -4,11 +4,12 @@ import errno
 import os
 import sys
 
-from lm_human_preferences.cli import export, label, launch, sample
+from lm_human_preferences.cli import export, fetch, label, launch, sample
 from lm_human_preferences.utils.errors import Stopped, UserError
+from lm_human_preferences.utils.storage import Offline
 
 COMMANDS = {"launch": launch.launch, "sample": sample.sample, "export_hf": export.export_hf,
-            "label": label.label_command}
+            "label": label.label_command, "fetch": fetch.fetch_command}
 
 
 def main(command: str, args: list[str] | None = None) -> int:
@@ -16,6 +17,10 @@ def main(command: str, args: list[str] | None = None) -> int:
     args = sys.argv[1:] if args is None else args
     try:
         COMMANDS[command](args)
+    except Offline as e:
+        e.fetch_target = _experiment(command, args) or e.fetch_target
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -31,6 +36,17 @@ def main(command: str, args: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _experiment(command: str, args: list[str]) -> str | None:
+    """The experiment a command line names (what `fetch` should get for it), if it names one."""
+    if command == "launch" and len(args) > 1 and args[0] in ("train_reward", "train_policy"):
+        return args[1]
+    if command == "label" and args and not args[0].startswith("-"):
+        if args[0] in ("export", "import"):
+            return next((value for flag, value in zip(args, args[1:]) if flag == "--experiment"), None)
+        return args[1] if args[0] == "serve" and len(args) > 1 else args[0]
+    return None
 
 
 def _disk_full_message(e: OSError) -> str:
@@ -62,3 +78,7 @@ def export_hf_entry() -> int:
 
 def label_entry() -> int:
     return main("label")
+
+
+def fetch_entry() -> int:
+    return main("fetch")

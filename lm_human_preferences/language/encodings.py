@@ -16,6 +16,7 @@ from lm_human_preferences.utils import storage
 from lm_human_preferences.utils.errors import UserError
 
 MAIN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+MAIN_FILES = ("encoder.json", "vocab.bpe")
 
 # GPT-2's pre-tokenization pattern (contractions, letters, numbers, other, whitespace).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -80,8 +81,7 @@ def mergeable_ranks(encoder: dict[str, int], merges: list[tuple[str, str]]) -> d
 
 def read_bpe_files(base_url: str = MAIN_URL) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Download (once, through the cache) and parse `encoder.json` and `vocab.bpe`."""
-    encoder_path = storage.fetch(storage.join(base_url, "encoder.json"))
-    bpe_path = storage.fetch(storage.join(base_url, "vocab.bpe"))
+    encoder_path, bpe_path = (storage.fetch(storage.join(base_url, name)) for name in MAIN_FILES)
     try:
         encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
         lines = bpe_path.read_text(encoding="utf-8").split("\n")
@@ -163,9 +163,21 @@ def _kjv_words() -> Encoding:
 _ENCODINGS: dict[str, Callable[[], Encoding]] = {"main": _main, "test": _test, "kjv_words": _kjv_words}
 
 
+def fetch_files(name: str) -> None:
+    """Download the files encoding `name` reads into the cache, checking they parse and agree,
+    even where `get` already built it in memory. Encodings other than `main` ship in the package."""
+    _check_name(name)
+    if name == "main":
+        mergeable_ranks(*read_bpe_files())
+
+
 def get(name: str) -> Encoding:
     """The encoding called `name`; `main` downloads its two files on first use."""
+    _check_name(name)
+    return _ENCODINGS[name]()
+
+
+def _check_name(name: str) -> None:
     if name not in _ENCODINGS:
         raise UserError(f"unknown encoding {name!r}; known: {', '.join(sorted(_ENCODINGS))}")
-    return _ENCODINGS[name]()
 

@@ -30,6 +30,8 @@ from lm_human_preferences.utils.errors import UserError
 TEST_HPARAMS = HParams(n_vocab=27, n_ctx=8, n_embd=7, n_head=1, n_layer=2)
 GPT2_MODELS = ("124M", "355M", "774M", "1558M")
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{name}"
+# The files of a GPT-2 release that `load` reads (`checkpoint` names model.ckpt, in one shard).
+GPT2_RELEASE_FILES = ("hparams.json", "checkpoint", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
 PACKAGED = {"kjv": Path(__file__).resolve().parent.parent / "data" / "kjv"}
 KEEP_CHECKPOINTS = 5
 
