@@ -250,6 +250,19 @@ def default_ranks() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def check_local_ranks(ranks: int) -> None:
+    """Ranks spawned on this machine get a GPU each, where there are GPUs."""
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """The device of the rank of this machine numbered `local_rank` (as `_init` sets it)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def external_launcher() -> tuple[str, int, int, int] | None:
     """(launcher, rank, world, local rank) when torchrun, mpirun or Slurm started this process.
 
@@ -279,7 +292,7 @@ def rank_timeout() -> float:
 
 def _init(rank: int, world: int, local_rank: int, init_method: str) -> None:
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank_device(local_rank))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=rank_timeout()))
@@ -370,8 +383,7 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
     if ranks == 1:
         fn(*args)
         return
-    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
-        raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
+    check_local_ranks(ranks)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="lmhp-ranks-") as failures:
         context = mp.start_processes(_run_rank, args=(fn, args, ranks, init_method, failures), nprocs=ranks,
