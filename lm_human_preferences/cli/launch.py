@@ -40,6 +40,9 @@ options:
 """
 
 
+USAGE = "usage: launch.py {train_reward,train_policy} EXPERIMENT {NAME | --resume latest} [--flags] (see --help)"
+
+
 def check_run_name(name: str) -> None:
     """A run name is one folder under the save root: `../x` or `a/b` would write elsewhere."""
     if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
@@ -101,7 +104,7 @@ def launch(args: list[str]) -> None:
         return
     named = len(args) >= 3 and not args[2].startswith("--")
     if len(args) < 2 or any(a.startswith("--") for a in args[:2]):
-        raise UserError("usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--flags] (see --help)")
+        raise UserError(USAGE)
     mode, experiment = args[:2]
     options_given = args[3:] if named else args[2:]
     flags = options.parse(options_given, booleans={"dry_run"})
@@ -123,7 +126,7 @@ def launch(args: list[str]) -> None:
     elif named:
         name = args[2]
     else:
-        raise UserError("give a run name, or --resume latest to continue the newest unfinished run (see --help)")
+        raise UserError(USAGE)
     hp = overridden(mode, experiment, name, flags)
     chosen = ranks.choose(hp, asked, saved_world)
     logs = Path(hp.run.save_dir) / save_folders.TENSORBOARD
