@@ -51,6 +51,9 @@ def _state(folder: Path, phase: str) -> tuple[dict, float] | None:
 
 
 def _in_use(folder: Path) -> bool:
+    """Whether another process's run holds `folder` now (training/run.py, claim)."""
+    if run.owns(folder):
+        return False
     try:
         fd = os.open(folder / save_folders.LOCK, os.O_RDONLY)
     except OSError:
