@@ -32,7 +32,8 @@ def measured_peak(fn, tmp_path) -> float:
 
 
 def test_shape_counts_the_models_parameters():
-    for hparams in (KJV, trained_models.TEST_HPARAMS, lm.HParams(n_vocab=100, n_ctx=16, n_embd=32, n_head=4, n_layer=3)):
+    small = lm.HParams(n_vocab=100, n_ctx=16, n_embd=32, n_head=4, n_layer=3)
+    for hparams in (KJV, trained_models.TEST_HPARAMS, small):
         model = lm.Model(hparams, heads=("value",))
         shape = estimate.shape(hparams)
         assert shape.params == sum(p.numel() for p in model.parameters())

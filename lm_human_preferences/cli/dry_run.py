@@ -81,7 +81,8 @@ def _memory(mode: str, hp, shape: estimate.Shape, count: int, dtype: torch.dtype
     size, gib = estimate.format_bytes, estimate.GIB
     line = (f"≈ {size(peak.total)} of tensors a rank at its peak, in {peak.phase}: {size(peak.models)} of models "
             f"and optimizer state, {size(peak.activations)} of activations for {peak.rows} sequences a pass (an "
-            "estimate from the model's shape and the batch: training/estimate.py; the runtime's own memory comes on top)")
+            "estimate from the model's shape and the batch: training/estimate.py; the runtime's own memory comes "
+            "on top)")
     lines = [line]
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -148,7 +149,8 @@ def plan(mode: str, hp, count: int, valid: list[int]) -> list[str]:
         lines.append(f"reward model: {_reward_batches(hp, count, '')}")
     else:
         if hp.rewards.train_new_model is not None:
-            lines.append(f"reward model: {_reward_batches(hp.rewards.train_new_model, count, 'rewards.train_new_model.')}")
+            reward = _reward_batches(hp.rewards.train_new_model, count, "rewards.train_new_model.")
+            lines.append(f"reward model: {reward}")
         lines.append(f"PPO:         {_ppo_batches(hp, count)}")
     if shape is None:
         lines.append(f"memory, time: not estimated: the shape of {hp.task.policy.initial_model} is known only once it "

@@ -130,8 +130,8 @@ def launch(args: list[str]) -> None:
     hp = overridden(mode, experiment, name, flags)
     chosen = ranks.choose(hp, asked, saved_world)
     logs = Path(hp.run.save_dir) / save_folders.TENSORBOARD
-    print(f"{mode} {experiment} → {hp.run.save_dir} · resume: {resume_command(mode, experiment, name, options_given, chosen.count)}"
-          f" · logs: tensorboard --logdir {logs}")
+    command = resume_command(mode, experiment, name, options_given, chosen.count)
+    print(f"{mode} {experiment} → {hp.run.save_dir} · resume: {command} · logs: tensorboard --logdir {logs}")
     if chosen.note:
         print(chosen.note)
     print(hp.to_json())

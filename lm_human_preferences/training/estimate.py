@@ -67,14 +67,9 @@ class Shape:
 
     params: int  # every parameter (one scalar head included)
     matrices: int  # of them, the Linear layers' weights and the token embedding (a working copy's share)
-    linears: int  # the Linear layers' weights (stored in bf16 when frozen in bf16)
+    linears: int  # the Linear layers' weights: what a token's forward multiplies, stored in bf16 when frozen in bf16
     vocab_matrix: int  # the token embedding (n_vocab × n_embd), also the output embedding
     hparams: lm.HParams
-
-    @property
-    def trunk_params(self) -> int:
-        """Parameters a token's forward multiplies by, besides the output embedding."""
-        return self.linears
 
 
 def shape(hparams: lm.HParams) -> Shape:
@@ -149,7 +144,8 @@ def reward_memory(hp: train_reward.HParams, s: Shape, world: int, dtype: torch.d
     rows = min(max(1, (hp.run.chunk_size or sequences) // responses) * responses, sequences)
     q, r = hp.task.query_length, hp.task.response_length
     tokens = q / responses + r if hp.run.share_queries else q + r  # a record's query runs once for its responses
-    models = trained_bytes(s, dtype) + frozen_bytes(s, dtype, cpu, logits=True) + (8 * s.params if policies_loaded else 0)
+    models = trained_bytes(s, dtype) + frozen_bytes(s, dtype, cpu, logits=True)
+    models += 8 * s.params if policies_loaded else 0
     activations = activation_bytes(s, rows, tokens, r, dtype, hp.run.gradient_checkpointing, logits=False)
     return Memory("reward model training", models, activations, rows)
 
@@ -157,7 +153,8 @@ def reward_memory(hp: train_reward.HParams, s: Shape, world: int, dtype: torch.d
 def forward_flops(s: Shape, tokens: float, logit_tokens: float) -> float:
     """Multiply-adds × 2 of a forward pass over `tokens` tokens, logits at `logit_tokens` of them."""
     hp = s.hparams
-    return 2 * s.trunk_params * tokens + 2 * s.vocab_matrix * logit_tokens + 2 * hp.n_layer * tokens * tokens * hp.n_embd
+    attention = 2 * hp.n_layer * tokens * tokens * hp.n_embd  # q·k and the weighted sum of v
+    return 2 * s.linears * tokens + 2 * s.vocab_matrix * logit_tokens + attention
 
 
 def ppo_flops(hp: train_policy.HParams, s: Shape) -> float:
@@ -165,7 +162,8 @@ def ppo_flops(hp: train_policy.HParams, s: Shape) -> float:
     model's forwards, and noptepochs of training forward and backward (3 × a forward)."""
     q, r = hp.task.query_length, hp.task.response_length
     forward = forward_flops(s, q + r, r)
-    sample = forward_flops(s, q, 1) + r * forward_flops(s, 1, 1) + 2 * s.hparams.n_layer * r * (q + r) * s.hparams.n_embd
+    decode_attention = 2 * s.hparams.n_layer * r * (q + r) * s.hparams.n_embd  # each new token against the context
+    sample = forward_flops(s, q, 1) + r * forward_flops(s, 1, 1) + decode_attention
     return sample + forward + forward_flops(s, q + r, 0) + 3 * hp.ppo.noptepochs * forward
 
 

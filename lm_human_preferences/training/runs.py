@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm_human_preferences.labeling import sources
-from lm_human_preferences.training import resume, run, train_policy, train_reward
+from lm_human_preferences.training import resume, run, train_policy
 from lm_human_preferences.utils import hyperparams, save_folders
 from lm_human_preferences.utils.errors import UserError
 
