@@ -87,3 +87,11 @@ def test_the_dry_run_makes_the_save_folders_checks(capsys, tmp_path):
     assert "holds a run with other hparams (lr)" in capsys.readouterr().err
     overwrite = plan(capsys, *args, "--lr", "0.001", "--run.overwrite", "on")
     assert "--run.overwrite on replaces the run there (reward model at batch 6)" in overwrite["save folder"]
+
+
+def test_auto_is_float32_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    """A V100 (compute capability 7.0) emulates bf16, slower than float32: `auto` must not pick it."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert distributed.compute_dtype(torch.device("cuda", 0), "auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert distributed.compute_dtype(torch.device("cuda", 0), "auto") == torch.bfloat16

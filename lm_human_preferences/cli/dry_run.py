@@ -26,8 +26,9 @@ def _devices(count: int) -> tuple[str, torch.device]:
         return f"{world}, started by {name}; this process is rank {rank} (local rank {local}) on {device}", device
     devices = [distributed.rank_device(i) for i in range(count)]
     if devices[0].type == "cpu":
-        how = "one process" if count == 1 else f"{count} processes, sharing"
-        return f"{count} on the cpu ({how} {torch.get_num_threads()} torch threads; no GPU visible)", devices[0]
+        how = f"one process, {torch.get_num_threads()} torch threads" if count == 1 else \
+            f"{count} processes on {os.cpu_count()} cores"
+        return f"{count} on the cpu ({how}; no GPU visible)", devices[0]
     shown = ", ".join(f"rank {i} → {d}" for i, d in enumerate(devices[:LISTED_DEVICES]))
     more = f", …, rank {count - 1} → {devices[-1]}" if count > LISTED_DEVICES else ""
     return f"{count} ({shown}{more}; {torch.cuda.get_device_name(devices[0])})", devices[0]

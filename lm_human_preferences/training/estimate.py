@@ -8,9 +8,10 @@ hundred MiB of RSS on a CPU, the CUDA context on a GPU — comes on top), the la
 
   PPO (train_policy):  the policy PPO trains: float32 weights, gradients and Adam's two moments
       (16 bytes a parameter), plus a bf16 working copy of its matrices when it computes in bf16;
-      the frozen reference and reward model in their compute dtype (`frozen_bytes`); and the
-      activations the backward pass keeps for one micro-batch of min(run.chunk_size, rows of a
-      gradient step) sequences (`activation_bytes`), the response's logits included.
+      the frozen reference and reward model in their compute dtype (`frozen_bytes`; an online
+      run's reward model is trained, as the policy); and the activations the backward pass keeps
+      for one micro-batch of min(run.chunk_size, rows of a gradient step) sequences
+      (`activation_bytes`), the response's logits included.
   reward model training (train_reward, and train_policy's rewards.train_new_model first): the
       reward model trained (16 bytes a parameter, plus its working copy) and the frozen initial
       policy that samples for its normalization; in train_policy also the policy and reference,
@@ -129,8 +130,9 @@ def ppo_memory(hp: train_policy.HParams, s: Shape, world: int, dtype: torch.dtyp
     minibatch = hp.ppo.batch_size // (world * hp.ppo.nminibatches)
     rows = min(hp.run.chunk_size or minibatch, minibatch)
     tokens = hp.task.query_length + hp.task.response_length
-    models = (trained_bytes(s, dtype) + frozen_bytes(s, dtype, cpu, logits=True)
-              + frozen_bytes(s, dtype, cpu, logits=False))
+    models = trained_bytes(s, dtype) + frozen_bytes(s, dtype, cpu, logits=True)
+    # the reward model: frozen, or trained in label rounds between the updates (rewards.online)
+    models += trained_bytes(s, dtype) if hp.rewards.online is not None else frozen_bytes(s, dtype, cpu, logits=False)
     activations = activation_bytes(s, rows, tokens, hp.task.response_length, dtype, hp.run.gradient_checkpointing,
                                    logits=True)
     return Memory("PPO", models, activations, rows)

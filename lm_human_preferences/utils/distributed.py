@@ -111,6 +111,12 @@ def cpu_has_native_bf16() -> bool:
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
+def cuda_has_bf16() -> bool:
+    """Whether the current GPU has bf16 arithmetic (Ampere and later). torch's own check also
+    says yes for older GPUs (e.g. a V100) that only emulate bf16, slower than float32."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def compute_dtype(device: torch.device, precision: str = "auto", n_params: int | None = None) -> torch.dtype:
     """The dtype of matrix products under `precision` (auto / fp32 / bf16; see CPU_BF16_MIN_PARAMS).
 
@@ -122,7 +128,7 @@ def compute_dtype(device: torch.device, precision: str = "auto", n_params: int |
     if precision == "fp32":
         return torch.float32
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_bf16():
             return torch.bfloat16
         if precision == "bf16":
             raise UserError(f"precision bf16 was asked for, but {torch.cuda.get_device_name(device)} does not support it; "
@@ -143,7 +149,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None = None):
     None: bf16 on CUDA GPUs that support it, full precision elsewhere.
     """
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" and cuda_has_bf16() else torch.float32
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
