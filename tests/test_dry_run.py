@@ -95,3 +95,12 @@ def test_auto_is_float32_on_a_gpu_that_only_emulates_bf16(monkeypatch):
     assert distributed.compute_dtype(torch.device("cuda", 0), "auto") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
     assert distributed.compute_dtype(torch.device("cuda", 0), "auto") == torch.bfloat16
+
+
+def test_under_torchrun_the_valid_counts_are_named_too(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert cli.main("launch", ["train_policy", "descriptiveness", "x", "--dry_run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: torchrun started 6 ranks: ") and "(6)" in err
+    assert err.endswith("valid rank counts: 1, 2, 4, 8, 16, 32\n")

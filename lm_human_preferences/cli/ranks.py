@@ -25,7 +25,7 @@ class Ranks:
 def _error(hp: hyperparams.HParams, ranks: int) -> UserError | None:
     """The validation error of `hp` on `ranks` ranks, or None when they fit."""
     try:
-        with distributed.validation_world(ranks):
+        with distributed.validation_world(ranks, exact=True):
             hp.validate()
     except UserError as e:
         return e

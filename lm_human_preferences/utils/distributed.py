@@ -55,14 +55,15 @@ _validation_world: int | None = None  # set by validation_world() while hyper-pa
 
 
 @contextlib.contextmanager
-def validation_world(ranks: int):
+def validation_world(ranks: int, exact: bool = False):
     """Within the block, world_size() reports the world size the run will have, so that
     hyper-parameters are validated in the parent process before any rank is started: the
-    launcher's (torchrun, mpirun, Slurm) when one started this process, else `ranks` (--mpi).
+    launcher's (torchrun, mpirun, Slurm) when one started this process, else `ranks` (--mpi);
+    `ranks` in any case when `exact` (to find which rank counts would do).
     Inside an initialized process group world_size() stays the real one.
     """
     global _validation_world
-    launched = external_launcher()
+    launched = None if exact else external_launcher()
     previous, _validation_world = _validation_world, launched[2] if launched else ranks
     try:
         yield
