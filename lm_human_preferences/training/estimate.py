@@ -205,7 +205,8 @@ def flop_rate(device_name: str, dtype: torch.dtype, threads: int) -> tuple[float
     utilisation = _v100_utilisation()
     return (peak * 1e12 * utilisation,
             f"{utilisation:.0%} of the {known}'s {peak:g} TFLOP/s {precision} peak, the share the original reached "
-            "on V100s (57 episodes/s on 8); likely optimistic on faster GPUs")
+            "on V100s (57 episodes/s on 8)" + ("" if known == "V100" else "; a lower bound: sampling a token at a "
+                                                "time gains less than the peak (bench/gpu_check.py measures it)"))
 
 
 def duration(total_flops: float, rate: float, ranks: int) -> float:
