@@ -96,6 +96,18 @@ def resume_command(mode: str, experiment: str, name: str, args: list[str], ranks
     return command + (f" (under {launched[0]}, on every node)" if launched else "")
 
 
+def resume_latest(mode: str, experiment: str, value: str, flags: dict[str, str]) -> tuple[str, int | None]:
+    """`--resume latest`: the name of the run to continue (runs.newest_unfinished) and the ranks that saved it."""
+    if value != "latest":
+        raise UserError(f"--resume takes 'latest', got {value!r}; to resume a run by name, rerun its "
+                        "command (launch.py MODE EXPERIMENT NAME ...)")
+    save_root = Path(flags.get("save_dir") or default_save_root(mode))
+    found = runs.newest_unfinished(save_root, mode, experiment, resolve(mode, experiment, "latest", dict(flags)))
+    print(f"--resume latest: {found.folder} ({found.progress()}; last written "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(found.written))})")
+    return found.folder.name, found.world
+
+
 def launch(args: list[str]) -> None:
     if not args or "--help" in args or "-h" in args:
         print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY)))
@@ -113,16 +125,9 @@ def launch(args: list[str]) -> None:
     resume_from = flags.pop("resume", None)
     saved_world = None
     if resume_from is not None:
-        if resume_from != "latest":
-            raise UserError(f"--resume takes 'latest', got {resume_from!r}; to resume a run by name, rerun its "
-                            "command (launch.py MODE EXPERIMENT NAME ...)")
         if named:
             raise UserError(f"give a run name ({args[2]}) or --resume latest, not both")
-        save_root = Path(flags.get("save_dir") or default_save_root(mode))
-        found = runs.newest_unfinished(save_root, mode, experiment, resolve(mode, experiment, "latest", dict(flags)))
-        name, saved_world = found.folder.name, found.world
-        print(f"--resume latest: {found.folder} ({found.progress()}; last written "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(found.written))})")
+        name, saved_world = resume_latest(mode, experiment, resume_from, flags)
     elif named:
         name = args[2]
     else:
