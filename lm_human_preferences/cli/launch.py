@@ -23,8 +23,10 @@ experiments:  train_reward: %(reward)s
               train_policy: %(policy)s
 
 options:
-  --mpi N               data-parallel ranks on this machine (default: one per visible GPU, else 1);
-                        under torchrun, mpirun or Slurm the ranks come from the environment
+  --mpi N               data-parallel ranks on this machine; N must split the hparams' batches (the
+                        error names the counts that do). Default: one per visible GPU (else 1), or
+                        the largest count below that fits, with a note; under torchrun, mpirun or
+                        Slurm the ranks come from the environment
   --save_dir D          root folder for outputs; they go to D/NAME
                         (default /tmp/save/train_reward or /tmp/save/train_policy)
   --resume latest       instead of NAME: continue the newest unfinished run of this experiment under
