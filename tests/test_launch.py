@@ -24,7 +24,7 @@ def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedPr
 def dry_run(capsys, mode: str, experiment: str, *flags: str) -> dict:
     assert cli.main("launch", [mode, experiment, "x", "--dry_run", *flags]) == 0
     out = capsys.readouterr().out
-    return json.loads(out[out.index("{"):])
+    return json.JSONDecoder().raw_decode(out, out.index("{"))[0]  # the plan follows the hparams
 
 
 def test_dry_run_books_experiments(capsys):

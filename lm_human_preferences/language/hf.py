@@ -99,8 +99,8 @@ def _word_level(pieces: list[str], pattern: str, unknown: int, lowercase: bool) 
     }, ensure_ascii=False)
 
 
-def load_folder(folder: Path) -> tuple[HParams, str, dict[str, torch.Tensor]]:
-    """(hparams, encoding name, our tensors) of a local GPT2LMHeadModel / GPT2Model folder."""
+def config_hparams(folder: Path) -> HParams:
+    """Our hparams of a GPT2LMHeadModel / GPT2Model folder, from its config.json."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, OSError) as e:
@@ -113,6 +113,12 @@ def load_folder(folder: Path) -> tuple[HParams, str, dict[str, torch.Tensor]]:
                       n_embd=config["n_embd"], n_head=config["n_head"], n_layer=config["n_layer"])
     if config.get("n_inner") not in (None, 4 * hparams.n_embd):
         raise UserError(f"{folder}: n_inner {config['n_inner']} differs from GPT-2's 4 × n_embd")
+    return hparams
+
+
+def load_folder(folder: Path) -> tuple[HParams, str, dict[str, torch.Tensor]]:
+    """(hparams, encoding name, our tensors) of a local GPT2LMHeadModel / GPT2Model folder."""
+    hparams = config_hparams(folder)
     weights = folder / "model.safetensors"
     try:
         raw = load_file(weights)

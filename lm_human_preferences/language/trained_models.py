@@ -90,6 +90,29 @@ def context_and_encoding(name: str) -> tuple[int, str]:
     return hparams.n_ctx, encoding
 
 
+# The released GPT-2 models' hparams.json: their shapes, known without a download.
+GPT2_HPARAMS = {name: HParams(n_vocab=50257, n_ctx=1024, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
+                for name, n_embd, n_head, n_layer in (("124M", 768, 12, 12), ("355M", 1024, 16, 24),
+                                                      ("774M", 1280, 20, 36), ("1558M", 1600, 25, 48))}
+
+
+def local_hparams(name: str) -> HParams | None:
+    """The hparams of a named model or a local folder, read without loading weights or using the
+    network; None for a folder that is not on this machine (a URL) or holds no model."""
+    if name == "test":
+        return TEST_HPARAMS
+    if name in GPT2_HPARAMS:
+        return GPT2_HPARAMS[name]
+    folder = Path(PACKAGED[name]) if name in PACKAGED else Path(name)
+    if storage.is_remote(name) or not folder.is_dir():
+        return None
+    if (folder / "config.json").exists():
+        return hf.config_hparams(folder)
+    if (folder / "hparams.json").exists():
+        return _hparams_and_encoding(str(folder))[0]
+    return None
+
+
 def encoding_of(saved: Saved, source: str) -> encodings.Encoding:
     """The checkpoint's encoding, checked against the model's vocabulary size."""
     encoding = encodings.get(saved.encoding)

@@ -163,6 +163,15 @@ def _wipe(save_dir: Path) -> None:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def saved_differences(hp: hyperparams.HParams, saved: dict) -> list[str]:
+    """The dotted keys in which `hp` differs from a run's saved hparams, taking the saved seed where
+    `hp` has none (a rerun resumes the run when there are none)."""
+    current = copy.deepcopy(hp)
+    current.run.seed = saved["run"]["seed"] if hp.run.seed is None else hp.run.seed
+    fill_missing_seeds(current, current.run.seed)
+    return _differences(saved, current.to_nested_dict())
+
+
 def prepare_save_dir(hp: hyperparams.HParams, hparams_file: str) -> None:
     """Claim the save folder and decide between a new run, resuming, and refusing (see the module doc).
 
@@ -179,14 +188,11 @@ def prepare_save_dir(hp: hyperparams.HParams, hparams_file: str) -> None:
             _wipe(save_dir)
         if path.exists():
             saved = json.loads(path.read_text())
-            current = copy.deepcopy(hp)
-            current.run.seed = saved["run"]["seed"] if hp.run.seed is None else hp.run.seed
-            fill_missing_seeds(current, current.run.seed)
-            differ = _differences(saved, current.to_nested_dict())
+            differ = saved_differences(hp, saved)
             if differ:
                 raise UserError(f"{save_dir} holds a run with other hparams ({', '.join(differ[:4])}); give this run "
                                 "another name, or rerun with --run.overwrite on to replace it")
-            hp.run.seed = current.run.seed
+            hp.run.seed = saved["run"]["seed"] if hp.run.seed is None else hp.run.seed
     hp.run.seed = distributed.broadcast_object(hp.run.seed)
 
 

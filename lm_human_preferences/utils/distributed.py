@@ -55,14 +55,15 @@ _validation_world: int | None = None  # set by validation_world() while hyper-pa
 
 
 @contextlib.contextmanager
-def validation_world(ranks: int):
+def validation_world(ranks: int, exact: bool = False):
     """Within the block, world_size() reports the world size the run will have, so that
     hyper-parameters are validated in the parent process before any rank is started: the
-    launcher's (torchrun, mpirun, Slurm) when one started this process, else `ranks` (--mpi).
+    launcher's (torchrun, mpirun, Slurm) when one started this process, else `ranks` (--mpi);
+    `ranks` in any case when `exact` (to find which rank counts would do).
     Inside an initialized process group world_size() stays the real one.
     """
     global _validation_world
-    launched = external_launcher()
+    launched = None if exact else external_launcher()
     previous, _validation_world = _validation_world, launched[2] if launched else ranks
     try:
         yield
@@ -256,6 +257,19 @@ def default_ranks() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def check_local_ranks(ranks: int) -> None:
+    """Ranks spawned on this machine get a GPU each, where there are GPUs."""
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """The device of the rank of this machine numbered `local_rank` (as `_init` sets it)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def external_launcher() -> tuple[str, int, int, int] | None:
     """(launcher, rank, world, local rank) when torchrun, mpirun or Slurm started this process.
 
@@ -302,7 +316,7 @@ def process_group_options(local_rank: int) -> dict:
     """init_process_group's backend and device: NCCL bound to this rank's GPU (so that NCCL knows its
     device from the start, instead of guessing at the first collective), else gloo on the CPU."""
     if torch.cuda.is_available():
-        return dict(backend="nccl", device_id=torch.device("cuda", local_rank % torch.cuda.device_count()))
+        return dict(backend="nccl", device_id=rank_device(local_rank))
     return dict(backend="gloo")
 
 
@@ -411,8 +425,7 @@ def run(fn: Callable, args: tuple, ranks: int) -> None:
     if ranks == 1:
         fn(*args)
         return
-    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
-        raise UserError(f"--mpi {ranks} asks for more ranks than the {torch.cuda.device_count()} visible GPUs")
+    check_local_ranks(ranks)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="lmhp-ranks-") as failures:
         context = mp.start_processes(_run_rank, args=(fn, args, ranks, init_method, failures), nprocs=ranks,
