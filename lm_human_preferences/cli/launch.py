@@ -76,4 +76,4 @@ def launch(args: list[str]) -> None:
     print(hp.to_json())
     if dry_run:
         return
-    distributed.run(experiments.train_function(mode, hp), (hp,), ranks)
+    distributed.run(experiments.train_function(mode), (hp,), ranks)
