@@ -11,7 +11,7 @@ from pathlib import Path
 from lm_human_preferences.evaluation import report, verdict
 from lm_human_preferences.labeling import mock_labelers, sources
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.training import online, ppo, run, train_policy, train_reward
+from lm_human_preferences.training import ppo, run, train_policy, train_reward
 from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
@@ -168,8 +168,8 @@ def _check_mode(mode: str) -> None:
         raise UserError(f"unknown mode {mode!r}; use train_reward or train_policy")
 
 
-def train_function(mode: str, hp: train_reward.HParams | train_policy.HParams) -> Callable:
-    """The function that runs `hp` on each rank (`run_experiment` in `mode`)."""
+def train_function(mode: str) -> Callable:
+    """The function that runs an experiment's hparams on each rank (`run_experiment` in `mode`)."""
     _check_mode(mode)
     return functools.partial(run_experiment, mode)
 
@@ -184,7 +184,7 @@ def run_experiment(mode: str, hp: train_reward.HParams | train_policy.HParams):
         reward_hp = hp.rewards.train_new_model
         mock = reward_hp is not None and sources.is_mock(reward_hp.labels.source)
         labeler_name = mock_labelers.parse_source(reward_hp.labels.source)[0] if mock else None
-        policy, result = (online.train if hp.rewards.online is not None else train_policy.train)(hp)
+        policy, result = (train_policy.train_online if hp.rewards.online is not None else train_policy.train)(hp)
         if mock and distributed.is_main():
             result["mock"] = verdict.summary(hp, labeler_name, policy, result)
             verdict.print_summary(result["mock"])

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lm_human_preferences import experiments
 from lm_human_preferences.cli import main as cli
 from lm_human_preferences.evaluation import report
-from lm_human_preferences.training import online
+from lm_human_preferences.training import online, train_policy
 from lm_human_preferences.labeling import collect, mock_labelers, sources
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task import rewards
@@ -81,21 +81,25 @@ def first_questions(policy: Policy, summary: dict) -> list[dict]:
     return [collect.record(q, 0) for q in asked]
 
 
+def schedule(hp: train_policy.HParams) -> list[online.Round]:
+    return online.schedule(hp.rewards.online, hp.rewards.train_new_model, hp.ppo)
+
+
 def test_schedule_is_front_loaded_and_offline_by_default():
     for name in experiments.TRAIN_POLICY:
         assert experiments.get("train_policy", name).rewards.online is None
     hp = experiments.get("train_policy", "mock_descriptiveness")
     hp.override_from_str("rewards.online", "on")
-    rounds = online.schedule(hp)
+    rounds = schedule(hp)
     assert [r.update for r in rounds] == [0, 20, 40, 60, 80]  # K = a fifth of the 100 updates
     assert [r.labels for r in rounds] == [1024, 1536, 1760, 1920, 2048]  # 2048 · (½ + ½ √(k/4)), whole batches
     new = [b.labels - a.labels for a, b in zip(rounds, rounds[1:])]
     assert new == sorted(new, reverse=True) and all(n % 32 == 0 for n in new)
     hp.override_from_str("rewards.online.initial_share", "1")
-    assert [(r.update, r.labels) for r in online.schedule(hp)] == [(0, 2048)]  # everything up front: offline
+    assert [(r.update, r.labels) for r in schedule(hp)] == [(0, 2048)]  # everything up front: offline
     hp.override_from_str("rewards.online.initial_share", "0.5")
     hp.override_from_str("rewards.online.interval", "6400")
-    assert [(r.update, r.labels) for r in online.schedule(hp)] == [(0, 2048)]
+    assert [(r.update, r.labels) for r in schedule(hp)] == [(0, 2048)]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -276,7 +280,7 @@ def test_labels_from_people_need_a_save_folder():
     hp.override_from_str("rewards.online", "on")
     hp.override_from_str("rewards.train_new_model.labels.source", "app:0")
     with pytest.raises(UserError, match="need a save folder"):
-        online.train(hp)
+        train_policy.train_online(hp)
 
 
 @pytest.mark.parametrize("normalize_on", ["current", "initial"])

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from lm_human_preferences import experiments
 from lm_human_preferences.cli import main as cli
 from lm_human_preferences.training import resume, run
 from lm_human_preferences.utils import save_folders
@@ -88,3 +89,46 @@ def test_a_full_disk_leaves_a_save_root_that_was_there(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         run.claim(root / "x")
     assert root.is_dir() and list(root.iterdir()) == []
+
+
+def mock_reward_hparams(save_dir, labeler: str = "descriptiveness"):
+    hp = experiments.get("train_reward", f"mock_{labeler}")
+    hp.run.save_dir = str(save_dir)
+    return hp
+
+
+def test_start_leaves_the_hparams_as_given_and_resolves_beside_them(tmp_path):
+    """The seed drawn, the save folder and the mock labels' file are in the `Resolved`; the hparams
+    keep `run.seed none` and `labels.source mock:...`, and their file holds the seed used."""
+    hp = mock_reward_hparams(tmp_path)
+    hp.run.seed = None
+    hp.labels.num_train, hp.batch_size = 8, 8
+    given = hp.to_json()
+    resolved = run.start_run(hp, save_folders.REWARD_HPARAMS, labels_hp=hp)
+    assert hp.to_json() == given
+    assert resolved.save_dir == tmp_path and resolved.labels == str(tmp_path / save_folders.LABELS)
+    assert len(json.loads((tmp_path / save_folders.LABELS).read_text())) == 8 + 2  # and a quarter held out
+    run.save_hparams(hp, resolved, save_folders.REWARD_HPARAMS)
+    saved = json.loads((tmp_path / save_folders.REWARD_HPARAMS).read_text())
+    assert saved["run"]["seed"] == resolved.seed and saved["labels"]["source"] == "mock:descriptiveness"
+    assert run.prepare_save_dir(hp, save_folders.REWARD_HPARAMS, tmp_path, None) == resolved.seed  # resumed
+
+
+def test_a_rerun_with_another_mock_labeler_is_refused(tmp_path):
+    hp = mock_reward_hparams(tmp_path)
+    (tmp_path / save_folders.REWARD_HPARAMS).write_text(run.replayable(hp, 1).to_json())
+    with pytest.raises(UserError, match=r"other hparams \(labels.source\)"):
+        run.prepare_save_dir(mock_reward_hparams(tmp_path, "sentiment"), save_folders.REWARD_HPARAMS, tmp_path, None)
+
+
+def test_a_folder_whose_hparams_name_the_mock_labels_file_resumes(tmp_path):
+    """Folders written before hparams stayed as given hold the collected file as labels.source."""
+    hp = mock_reward_hparams(tmp_path)
+    old = run.replayable(hp, 1).to_nested_dict()
+    old["labels"]["source"] = str(tmp_path / save_folders.LABELS)
+    (tmp_path / save_folders.REWARD_HPARAMS).write_text(json.dumps(old))
+    assert run.prepare_save_dir(hp, save_folders.REWARD_HPARAMS, tmp_path, None) == 1
+    old["labels"]["source"] = str(tmp_path / "other.json")
+    (tmp_path / save_folders.REWARD_HPARAMS).write_text(json.dumps(old))
+    with pytest.raises(UserError, match="other hparams"):
+        run.prepare_save_dir(hp, save_folders.REWARD_HPARAMS, tmp_path, None)

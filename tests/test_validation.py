@@ -241,7 +241,7 @@ def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "save" / "x" / "events"))
 
     _full_disk(monkeypatch)
-    monkeypatch.setattr(experiments, "train_function", lambda mode, hp: train)
+    monkeypatch.setattr(experiments, "train_function", lambda mode: train)
     monkeypatch.setattr(distributed, "default_ranks", lambda: 1)
     err = fails(capsys, "launch", ["train_reward", "test", "x", "--save_dir", str(tmp_path / "save")],
                 f"error: disk full while writing {tmp_path / 'save' / 'x' / 'checkpoint'}; free space and run again")
@@ -256,7 +256,7 @@ def test_bare_full_disk_error_is_one_line(capsys, tmp_path, monkeypatch, code, w
     def train(hp):
         raise OSError(code, os.strerror(code), str(tmp_path / "events"))
 
-    monkeypatch.setattr(experiments, "train_function", lambda mode, hp: train)
+    monkeypatch.setattr(experiments, "train_function", lambda mode: train)
     monkeypatch.setattr(distributed, "default_ranks", lambda: 1)
     fails(capsys, "launch", ["train_reward", "test", "x", "--save_dir", str(tmp_path / "save")], *words)
 
@@ -265,7 +265,7 @@ def test_other_os_errors_are_not_swallowed(tmp_path, monkeypatch):
     def train(hp):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(experiments, "train_function", lambda mode, hp: train)
+    monkeypatch.setattr(experiments, "train_function", lambda mode: train)
     monkeypatch.setattr(distributed, "default_ranks", lambda: 1)
     with pytest.raises(OSError):
         cli.main("launch", ["train_reward", "test", "x", "--save_dir", str(tmp_path / "save")])

@@ -147,4 +147,4 @@ def launch(args: list[str]) -> None:
     if dry_run:
         print("\n".join(dry_run_plan.plan(mode, hp, chosen.count, ranks.valid_counts(hp))))
         return
-    distributed.run(experiments.train_function(mode, hp), (hp,), chosen.count)
+    distributed.run(experiments.train_function(mode), (hp,), chosen.count)

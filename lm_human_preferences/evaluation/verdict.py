@@ -82,15 +82,16 @@ def verdict(policy: Policy, ref_policy: Policy, task: lm_tasks.TaskHParams, labe
 
 
 def summary(hp: train_policy.HParams, labeler_name: str, policy: Policy, result: dict) -> dict:
-    """How the run did by the labeler's own judgement, with the reward model's held-out accuracy."""
+    """How the run did by the labeler's own judgement, with the reward model's held-out accuracy;
+    `result` is what `train_policy.train` returned (the seed it used among it)."""
     heldout = (result.get("reward_model") or {}).get("heldout", {})
-    out = {"labeler": labeler_name, "seed": hp.run.seed,
+    out = {"labeler": labeler_name, "seed": result["seed"],
            "reward_model_heldout_accuracy": heldout.get("accuracy"), "heldout_count": heldout.get("count"),
            "chance": heldout.get("chance"),
            "final_kl": result["last"]["objective/kl"], "final_kl_coef": result["last"]["objective/kl_coef"],
            "kl_target": hp.rewards.adaptive_kl.target if hp.rewards.adaptive_kl else None}
     initial = load_policy(hp.task.policy.initial_model, hp.task, distributed.device())
-    out.update(verdict(policy, initial, hp.task, labeler_name, hp.run.seed))
+    out.update(verdict(policy, initial, hp.task, labeler_name, result["seed"]))
     return out
 
 

@@ -168,10 +168,10 @@ class _Mask:
 
 # Devices where attention without padding runs without a dense mask. On CUDA a dense mask rules
 # out flash attention, so there a batch without padding passes `is_causal` (or, for one new token
-# after a cache, no mask at all). On CPU, SDPA's flash kernel takes a mask in the same kernel
-# (measured, 8×12 heads×88 tokens: is_causal ~5-15% faster on attention alone, a few % of a
-# forward pass), and a dense mask everywhere keeps a row's numbers independent of whether other
-# rows of its batch have padding.
+# after a cache, no mask at all). On CPU, SDPA's flash kernel takes a mask in the same kernel,
+# `is_causal` gained only a few % of a forward pass there (docs/measurements.md), and a dense
+# mask everywhere keeps a row's numbers independent of whether other rows of its batch have
+# padding.
 MASK_FREE_DEVICES = ("cuda",)
 
 
@@ -211,8 +211,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.store(layer, k, v)
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad:
-            # CPU attention in training: SDPA's backward is ~2× slower in bf16 than in float32
-            # (8×12 heads×88 tokens×64: 99 vs 42 ms, one thread), and the products are tiny.
+            # CPU attention in training: SDPA's backward is slower in bf16 than in float32
+            # (docs/measurements.md), and the products are tiny.
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.mask,
                                                    is_causal=mask.is_causal).to(q.dtype)

@@ -3,64 +3,14 @@
 `--rewards.online on` (with `rewards.train_new_model`) makes `train_policy` run in rounds.
 Round 0, before PPO, labels questions sampled from the initial policy and trains the reward
 model on them, as an offline run does. Every `interval` PPO episodes after that, a round
-samples new questions from the CURRENT policy, has them labelled, trains the reward model
-further and renormalizes it; PPO then goes on against it.
+samples new questions from the CURRENT policy, has them labelled (by a mock labeler or by
+people through the labeling app), trains the reward model further and renormalizes it; PPO
+then goes on against it (`train_policy.train_online` interleaves the rounds with PPO).
 
-Schedule. The label budget B is the reward model's `labels.num_train`, the number an offline
-run trains on, so the two modes compare at an equal budget. Rounds k = 1..R come before the
-PPO updates at episodes k·K (K = `interval`; every k·K before the run's last episode), and
-the training labels collected once round k is done are
-
-    L_k = B · (f + (1 − f) · √(k / R)),    f = `initial_share`,
-
-rounded to whole reward-model batches (L_R = B; a round that would add none is left out).
-So round 0 collects f·B labels and round k ≥ 1 about B·(1 − f)·(√k − √(k−1))/√R: front-loaded,
-at a rate decaying like 1/√k. As in the offline demo, every round also collects a quarter as
-many held-out labels, which are never trained on.
-
-Reward model. Round 0 trains it as an offline run does (normalize before, `epochs` passes at
-its lr, normalize after). Round k ≥ 1 makes `online.epochs` passes over the round's new
-labels (with `online.all_labels`: over every label so far), the learning rate (`online.lr`,
-default the reward model's) falling linearly to 0 over the round; Adam's moments carry over
-from round to round. Then the reward model is normalized as the original does after
-training — gain and bias reset, rewards measured on fresh samples, gain and bias set so they
-are N(0, 1) — on samples of the current policy: the original normalized on samples of the
-policy that PPO was about to start from; online, that is the current policy, not the
-initial one. `online.normalize_on initial` keeps the initial policy's samples instead, so the
-reward's scale stays the one PPO started with (the README's bench compares both). A round's
-summary gives the previous reward model's accuracy on the round's new held-out labels (how far
-it had fallen behind the policy) and the new one's on all held-out labels so far.
-
-The KL penalty across a round. PPO's reward is score − kl_coef · KL, and kl_coef is a price of
-KL in units of the score; the adaptive controller moves it by at most 1 ± 0.2 · batch/horizon an
-update. A round changes the score's unit at once: its `reward_scale` (in the summary) is the new
-reward model's spread over the old one's, both on every response of the round's new labels (the
-current policy's samples). Normalized on the current policy, that is about 1. Normalized on
-the initial policy (`normalize_on initial`), the reward model is measured where the policy no
-longer samples, and on the policy's samples its spread grows round by round (1.1 → 4.8 on
-`mock_descriptiveness`): the penalty weighs less and less, faster than the controller can
-follow, and the run overshoots its KL target (README, "The paper's findings"). With
-`online.rescale_kl_coef` a round multiplies kl_coef by its `reward_scale`, so the penalty keeps
-its weight; the controller steers as before between rounds. (The scale is measured on the
-round's own responses, four a best-of-4 label: a round of a few dozen labels measures it
-roughly.)
-
-Labelers (`labels.source`): `mock:<labeler>[:<noise>]`, the mock labelers of the offline demo
-(ties skipped, as there); or `app[:<port>]`, people, through the labeling app that rank 0
-serves on 127.0.0.1:<port> (default 8000; 0 picks a free one) while the run lasts. A round
-then waits, printing progress, until people have answered its questions.
-
-Files in the save folder: `labels.json` (every training label so far, in the released schema,
-growing round by round), `heldout_labels.json`, `online_summary.json` (one entry per round),
-`reward_model/` (a checkpoint per round, named by the round), `app/labels.json*` (the app's
-questions and database of answers). The reward model's resume state (`resume/reward_model`,
-saved after every round, named by the round) carries the schedule position: rounds done,
-labels kept, queries drawn, app questions taken; PPO's (`resume/policy`) has a checkpoint at
-every round's update. Rerun with the same command, a stopped or killed run goes on from its
-last finished round and its last PPO checkpoint: a round cut short is done again, except
-that questions already given to people are kept (their answers are in the app's database)
-and not asked again. SIGINT or SIGTERM stop the run after the current PPO update or label
-round, or at once while it waits for people.
+Here: the mode's hparams, its schedule, and the rounds — their labels, the reward model's
+training, and their state, which the reward model's resume state carries. docs/online.md
+explains the schedule, how a round trains and renormalizes the reward model, what a round does
+to the KL penalty, and the files an online run leaves.
 """
 
 import contextlib
@@ -72,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -84,35 +35,95 @@ from lm_human_preferences.labeling.app.people import PeopleLabeler
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.task.policy import Policy
-from lm_human_preferences.training import resume, stopping, train_policy, train_reward
-from lm_human_preferences.training.run import save_hparams
-from lm_human_preferences.training.train_policy import HParams, OnlineHParams
-from lm_human_preferences.utils import distributed, logging, save_folders, storage
+from lm_human_preferences.task.rewards import RewardModel
+from lm_human_preferences.training import resume, train_reward
+from lm_human_preferences.training.ppo import PpoHParams
+from lm_human_preferences.training.run import Resolved, RunHParams
+from lm_human_preferences.utils import core, distributed, hyperparams, logging, save_folders, storage
 from lm_human_preferences.utils.errors import Stopped, UserError
 
 ROUND_SEED_STRIDE = 7919  # round k samples and labels with seed + k · stride
 MAX_ASKED = 20  # questions asked per label wanted before giving up on a labeler that skips them all
+NORMALIZE_ON = ("current", "initial")
+
+
+@dataclass
+class OnlineHParams(hyperparams.HParams):
+    """Label rounds while the policy trains (train_policy's `rewards.online`)."""
+
+    initial_share: float = 0.5  # f: the share of the label budget labelled before PPO
+    interval: Optional[int] = None  # K: PPO episodes between rounds; None: a fifth of the run (whole PPO batches)
+    epochs: int = 1  # reward-model passes per round after the first
+    all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
+    lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
+    normalize_on: str = "current"  # whose samples later rounds renormalize on: the current or the initial policy's
+    # Later rounds multiply kl_coef by the new reward model's spread over the old one's on the
+    # round's samples (the current policy's), so that the KL penalty keeps its weight against a
+    # reward whose scale changed (docs/online.md: why `normalize_on initial` overshoots its KL target).
+    rescale_kl_coef: bool = False
+
+    def validate(self, _prefix: str = "") -> None:
+        super().validate(_prefix)
+        if not 0 < self.initial_share <= 1:
+            raise UserError(f"{_prefix}initial_share must be in (0, 1], got {self.initial_share}")
+        if self.interval is not None and self.interval <= 0:
+            raise UserError(f"{_prefix}interval must be a positive number of episodes, got {self.interval}")
+        if self.epochs <= 0:
+            raise UserError(f"{_prefix}epochs must be positive, got {self.epochs}")
+        if self.lr is not None and not 0 <= self.lr < float("inf"):
+            raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
+        if self.normalize_on not in NORMALIZE_ON:
+            raise UserError(f"{_prefix}normalize_on must be one of {', '.join(NORMALIZE_ON)}, got {self.normalize_on!r}")
+
+
+def _updates(ppo: PpoHParams) -> int:
+    """The run's PPO updates (train_policy's `HParams.total_updates`)."""
+    return core.ceil_div(ppo.total_episodes, ppo.batch_size)
+
+
+def interval(online: OnlineHParams, ppo: PpoHParams) -> int:
+    """K, in episodes: `online.interval`, else a fifth of the run in whole PPO batches."""
+    return online.interval if online.interval is not None else ppo.batch_size * max(1, _updates(ppo) // 5)
+
+
+def check(online: OnlineHParams, reward_hp: train_reward.HParams | None, ppo: PpoHParams) -> None:
+    """What an online run needs beyond each group's own checks (train_policy's `HParams.validate`)."""
+    if reward_hp is None:
+        raise UserError("rewards.online trains the reward model while the policy trains: set "
+                        "rewards.train_new_model, not rewards.trained_model")
+    if interval(online, ppo) % ppo.batch_size:
+        raise UserError(f"rewards.online.interval={interval(online, ppo)} must be a whole number of PPO batches "
+                        f"(ppo.batch_size={ppo.batch_size})")
+    sources.check_online(reward_hp.labels.source, reward_hp.labels.type)
 
 
 @dataclass(frozen=True)
 class Round:
     index: int
     update: int  # the PPO update it comes before
+    episode: int  # the PPO episodes before it
     labels: int  # training labels once it is done
 
 
-def schedule(hp: HParams) -> list[Round]:
-    """The label rounds of a train_policy run (see the module doc)."""
-    online, reward_hp = hp.rewards.online, hp.rewards.train_new_model
+def schedule(online: OnlineHParams, reward_hp: train_reward.HParams, ppo: PpoHParams) -> list[Round]:
+    """The label rounds of a train_policy run. With the label budget B = the reward model's
+    `labels.num_train` (an offline run's, so the modes compare at an equal budget), rounds
+    k = 1..R come before the PPO updates at episodes k·K (K = `interval`, every k·K before the
+    run's last episode), and round k leaves
+
+        L_k = B · (f + (1 − f) · √(k / R)),    f = `initial_share`,
+
+    training labels, rounded to whole reward-model batches (L_R = B; a round that would add none
+    is left out): front-loaded, round k ≥ 1 adding labels at a rate decaying like 1/√k."""
     budget, batch = reward_hp.labels.num_train, reward_hp.batch_size
-    starts = range(0, hp.total_updates * hp.ppo.batch_size, hp.online_interval)
+    starts = range(0, _updates(ppo) * ppo.batch_size, interval(online, ppo))
     last = len(starts) - 1
     rounds: list[Round] = []
     for k, episode in enumerate(starts):
         share = 1.0 if k == last else online.initial_share + (1 - online.initial_share) * math.sqrt(k / last)
         labels = min(budget, batch * max(1, int(budget * share / batch + 0.5)))
         if not rounds or labels > rounds[-1].labels:
-            rounds.append(Round(len(rounds), episode // hp.ppo.batch_size, labels))
+            rounds.append(Round(len(rounds), episode // ppo.batch_size, episode, labels))
     return rounds
 
 
@@ -208,7 +219,7 @@ def as_labels(records: list[dict], label_type: label_types.LabelType, task: lm_t
 
 @dataclass
 class Progress:
-    """Where the schedule stands: what the reward model's resume state carries."""
+    """Where the schedule stands: the rounds' state, which the reward model's resume state carries."""
 
     train: list[dict]  # training label records so far
     heldout: list[dict]  # held-out label records so far
@@ -222,6 +233,7 @@ class Progress:
 
     @staticmethod
     def load(meta: dict, save_dir: Path) -> "Progress":
+        """The state `meta` saved (`train_reward.online_meta`), its labels read back."""
         def records(name: str, count: int) -> list[dict]:
             path = save_dir / name
             found = json.loads(path.read_text()) if path.exists() else []
@@ -247,26 +259,30 @@ def round_hparams(reward_hp: train_reward.HParams, online: OnlineHParams, index:
     return hp
 
 
-def snapshot(policy: Policy, hp: HParams) -> Policy:
+def snapshot(policy: Policy, task: lm_tasks.TaskHParams, run_hp: RunHParams) -> Policy:
     """A frozen copy of the policy as it is now, to sample from for the reward model's normalization."""
-    copied = Policy(copy.deepcopy(policy.model), policy.encoding, hp.task)
-    return copied.configure(hp.run, frozen=True)
+    copied = Policy(copy.deepcopy(policy.model), policy.encoding, task)
+    return copied.configure(run_hp, frozen=True)
 
 
 class OnlineRun:
-    """The reward model's side of an online run: label rounds, its training, its state."""
+    """The reward model's side of an online run: label rounds, its training, its state.
 
-    def __init__(self, hp: HParams, trainer: train_reward.RewardModelTrainer, progress: Progress, save_dir: Path | None,
-                 encoding_name: str, seed: int, people: PeopleLabeler | None, kl_ctl):
-        self.hp, self.trainer, self.progress, self.save_dir = hp, trainer, progress, save_dir
+    `run_hp` is the policy run's (`run.chunk_size`, precision); the reward model's task is the
+    policy's (train_policy's `HParams.validate`)."""
+
+    def __init__(self, online: OnlineHParams, reward_hp: train_reward.HParams, run_hp: RunHParams,
+                 trainer: train_reward.RewardModelTrainer, progress: Progress, resolved: Resolved, encoding_name: str,
+                 people: PeopleLabeler | None, kl_ctl):
+        self.online, self.reward_hp, self.run_hp, self.task = online, reward_hp, run_hp, reward_hp.task
+        self.trainer, self.progress, self.encoding_name, self.people = trainer, progress, encoding_name, people
         self.kl_ctl = kl_ctl  # PPO's KL controller: `rescale_kl_coef` rescales its value
-        self.reward_hp = hp.rewards.train_new_model
+        self.save_dir, self.seed = resolved.save_dir, resolved.seed
         self.label_type = label_types.get(self.reward_hp.labels.type)
-        self.encoding_name, self.seed, self.people = encoding_name, seed, people
-        self.queries = LabelQueries(hp.task, trainer.reward_model.encoding, trainer.reward_model.device,
+        self.queries = LabelQueries(self.task, trainer.reward_model.encoding, trainer.reward_model.device,
                                     progress.queries)
-        self.scalar_log = logging.ScalarLog(save_dir / save_folders.TENSORBOARD / save_folders.ONLINE_LOG
-                                            if save_dir else None)
+        self.scalar_log = logging.ScalarLog(self.save_dir / save_folders.TENSORBOARD / save_folders.ONLINE_LOG
+                                            if self.save_dir else None)
 
     def labels(self, policy: Policy, rnd: Round, heartbeat: Heartbeat) -> tuple[list[dict], list[dict], int]:
         """The round's new training and held-out records, labelled on rank 0, on every rank."""
@@ -277,7 +293,7 @@ class OnlineRun:
             whose = "initial" if rnd.update == 0 else "current"
             logging.print_main(f"label round {rnd.index} (before PPO update {rnd.update}): {need} labels "
                                f"({new} to train on) on the {whose} policy's samples")
-            chunk_size = self.hp.run.chunk_size
+            chunk_size = self.run_hp.chunk_size
             people, labeler, carried, min_ask = self.people, self.people, [], 1
             if people is not None:
                 people.beat, carried = heartbeat.beat, people.pending()
@@ -286,7 +302,7 @@ class OnlineRun:
                 labeler = collect.MockLabeler(name, noise, round_seed(self.seed, rnd.index))
                 min_ask = max(1, (chunk_size or 512) // len(self.label_type.response_keys))
             with torch.no_grad():
-                records, asked = collect_round(policy, self.hp.task, self.label_type, labeler, self.queries,
+                records, asked = collect_round(policy, self.task, self.label_type, labeler, self.queries,
                                                round_seed(self.seed, rnd.index), need, carried, min_ask, chunk_size)
             return records, asked, self.queries.drawn, people.taken if people else self.progress.taken
 
@@ -298,26 +314,26 @@ class OnlineRun:
         first_query = self.progress.queries
         train_new, heldout_new, asked = self.labels(policy, rnd, heartbeat)
         trainer, progress = self.trainer, self.progress
-        summary: dict = dict(round=rnd.index, update=rnd.update, episodes=rnd.update * self.hp.ppo.batch_size,
+        summary: dict = dict(round=rnd.index, update=rnd.update, episodes=rnd.episode,
                              first_query=first_query, questions=asked, new_labels=len(train_new),
                              labels=rnd.labels, policy_checkpoint=None)
         if rnd.update > 0:
             summary["policy_checkpoint"] = trained_models.checkpoint_name(rnd.update)
         if rnd.update > 0 and heldout_new:
-            summary["previous_accuracy"] = trainer.evaluate(as_labels(heldout_new, self.label_type, self.hp.task))
-        round_labels = as_labels(train_new + heldout_new, self.label_type, self.hp.task)
+            summary["previous_accuracy"] = trainer.evaluate(as_labels(heldout_new, self.label_type, self.task))
+        round_labels = as_labels(train_new + heldout_new, self.label_type, self.task)
         spread_before = self.spread(round_labels) if rnd.update > 0 and len(round_labels) else None
         progress.train += train_new
         progress.heldout += heldout_new
         summary["heldout_labels"] = len(progress.heldout)
-        round_hp = round_hparams(self.reward_hp, self.hp.rewards.online, rnd.index,
-                                 rnd.labels if rnd.index == 0 or self.hp.rewards.online.all_labels else len(train_new))
+        round_hp = round_hparams(self.reward_hp, self.online, rnd.index,
+                                 rnd.labels if rnd.index == 0 or self.online.all_labels else len(train_new))
         trained = progress.train[-round_hp.labels.num_train:]
         # Round 0 normalizes on the initial policy's samples, as an offline run; later rounds on the
         # current policy's, unless normalize_on says initial.
-        current = rnd.update > 0 and self.hp.rewards.online.normalize_on == "current"
-        trainer.new_round(round_hp, normalize_on=snapshot(policy, self.hp) if current else None)
-        train_labels = as_labels(trained, self.label_type, self.hp.task)
+        current = rnd.update > 0 and self.online.normalize_on == "current"
+        trainer.new_round(round_hp, normalize_on=snapshot(policy, self.task, self.run_hp) if current else None)
+        train_labels = as_labels(trained, self.label_type, self.task)
         if round_hp.normalize_before:
             summary["normalize_before"] = trainer.normalize(*train_reward.target_moments(self.label_type, train_labels))
         scalar_log = logging.ScalarLog(self.save_dir / save_folders.TENSORBOARD / save_folders.REWARD_MODEL
@@ -327,10 +343,10 @@ class OnlineRun:
         if round_hp.normalize_after:
             summary["normalize_after"] = trainer.normalize(0.0, 1.0)
         if progress.heldout:
-            summary["heldout"] = trainer.evaluate(as_labels(progress.heldout, self.label_type, self.hp.task))
+            summary["heldout"] = trainer.evaluate(as_labels(progress.heldout, self.label_type, self.task))
         if spread_before:
             summary["reward_scale"] = self.spread(round_labels) / spread_before
-            if self.hp.rewards.online.rescale_kl_coef:
+            if self.online.rescale_kl_coef:
                 self.kl_ctl.value *= summary["reward_scale"]
         summary["kl_coef"] = self.kl_ctl.value  # PPO's from this round on (a resumed run takes it from here)
         summary["seconds"] = time.time() - started
@@ -377,16 +393,17 @@ class OnlineRun:
                                 online=self.progress.meta())
 
 
-def start_people(hp: HParams, save_dir: Path | None, progress: Progress, padding_token: int,
+def start_people(reward_hp: train_reward.HParams, resolved: Resolved, progress: Progress, padding_token: int,
                  stack: contextlib.ExitStack) -> PeopleLabeler | None:
     """For labels from people (`app`), rank 0 serves the labeling app for the run's life (closed by
     `stack`) and gets a `PeopleLabeler`; None elsewhere (mock labelers: each round makes its own)."""
-    source = hp.rewards.train_new_model.labels.source
+    source = reward_hp.labels.source
     port = sources.app_port(source)
     if port is None or not distributed.is_main():
         return None
-    label_type = label_types.get(hp.rewards.train_new_model.labels.type)
-    queue = label_queue.LabelQueue(save_dir / save_folders.APP / save_folders.LABELS, label_type, seed=hp.run.seed)
+    label_type = label_types.get(reward_hp.labels.type)
+    queue = label_queue.LabelQueue(resolved.save_dir / save_folders.APP / save_folders.LABELS, label_type,
+                                   seed=resolved.seed)
     stack.callback(queue.close)
     page = web.Page(f"online labels: {label_type.name}", web.instructions("", source, label_type))
     label_server = web.LabelServer(queue, page, port=port)
@@ -397,44 +414,13 @@ def start_people(hp: HParams, save_dir: Path | None, progress: Progress, padding
     return PeopleLabeler(queue, padding_token, progress.taken, label_server.url, report=logging.print_main)
 
 
-def train(hp: HParams) -> tuple[Policy, dict]:
-    """An online train_policy run (see the module doc); returns what `train_policy.train` returns,
-    with the summaries of the rounds under "online" and the last round's under "reward_model"."""
-    if hp.run.save_dir is None and sources.app_port(hp.rewards.train_new_model.labels.source) is not None:
-        raise UserError("labels from people need a save folder (run.save_dir) for the app's questions and answers")
-    run = train_policy.start_policy_run(hp)
-    save_dir, device = run.save_dir, run.policy.device
-    reward_state = resume.load_state(resume.folder(save_dir, save_folders.REWARD_MODEL)) if save_dir else None
-    reward_model, encoding_name = train_reward.new_reward_model(hp.task, device)
-    progress = Progress([], [], [])
-    if reward_state is not None:
-        reward_model.load_tensors(trained_models.load_file(save_dir / save_folders.REWARD_MODEL,
-                                                           reward_state.checkpoint).tensors)
-        progress = Progress.load(reward_state.meta["extra"]["online"], save_dir)
-    save_hparams(hp, save_dir, save_folders.POLICY_HPARAMS)
-    reward_trainer = train_reward.RewardModelTrainer(reward_model, run.ref_policy, hp.rewards.train_new_model, run.seed)
-    # PPO scores with the reward model through a function: given the module itself, it would freeze it
-    ppo = train_policy.PPOTrainer(run.policy, run.ref_policy, lambda q, r: reward_model(q, r), hp, run.seed)
-    if reward_state is not None:
-        reward_trainer.restore(reward_state)
-    train_policy.resume_trainer(run, ppo)
-    if progress.rounds and progress.rounds[-1]["update"] == ppo.update and "kl_coef" in progress.rounds[-1]:
-        # PPO's state was saved before its last round rescaled kl_coef (rescale_kl_coef)
-        ppo.kl_ctl.value = progress.rounds[-1]["kl_coef"]
-    logging.print_main(f"online: {len(progress.rounds)} label rounds done, PPO at update {ppo.update} of "
-                       f"{hp.total_updates}")
-    with contextlib.ExitStack() as stack:
-        people = start_people(hp, save_dir, progress, run.policy.encoding.padding_token, stack)
-        online_run = OnlineRun(hp, reward_trainer, progress, save_dir, encoding_name, run.seed, people, ppo.kl_ctl)
-        stack.callback(online_run.scalar_log.close)
-        for rnd in schedule(hp)[len(progress.rounds):]:
-            if ppo.update < rnd.update:
-                train_policy.run_updates(ppo, hp, save_dir, until=rnd.update)
-            with stopping.graceful() as stop:
-                online_run.run_round(run.policy, rnd, Heartbeat(stop, f"while waiting for label round {rnd.index}"))
-                if stop.requested():
-                    stop.exit(f"after label round {rnd.index}; rerun the same command to resume")
-        train_policy.run_updates(ppo, hp, save_dir)
-    summary = train_policy.finish_policy_run(run, ppo, progress.rounds[-1])
-    summary["online"] = {"rounds": progress.rounds}
-    return run.policy, summary
+def reward_side(task: lm_tasks.TaskHParams, device: torch.device,
+                save_dir: Path | None) -> tuple[RewardModel, str, resume.State | None, Progress]:
+    """The reward model an online run trains — fresh, or as the last finished round of the run it
+    resumes left it —, its encoding's name, its resume state (None: fresh) and the rounds' state."""
+    state = resume.load_state(resume.folder(save_dir, save_folders.REWARD_MODEL)) if save_dir else None
+    reward_model, encoding_name = train_reward.new_reward_model(task, device)
+    if state is None:
+        return reward_model, encoding_name, None, Progress([], [], [])
+    reward_model.load_tensors(trained_models.load_file(save_dir / save_folders.REWARD_MODEL, state.checkpoint).tensors)
+    return reward_model, encoding_name, state, Progress.load(train_reward.online_meta(state), save_dir)

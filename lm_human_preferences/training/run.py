@@ -36,9 +36,9 @@ class RunHParams(hyperparams.HParams):
     save_dir: Optional[str] = None
     # Memory knob: at most this many sequences per forward pass when sampling, scoring and
     # computing gradients (micro-batches, gradients accumulated). None: whole batches at once.
-    # Results are the same, up to float rounding, for any value. 32 (bench/ppo_memory.py, GPT-2
-    # 124M, a PPO update at batch 64 on CPU): peak RSS 5.6 GiB, against 7.0 GiB with 64; 6.15 GiB
-    # with 32 since the bf16 working copy and packed matrices (bench/ppo_memory.py --chunk_sizes 32).
+    # Results are the same, up to float rounding, for any value. 32 keeps a GPT-2 124M PPO update
+    # at batch 64 well below the peak memory of whole batches (bench/ppo_memory.py; the figures,
+    # with their machine, in docs/measurements.md).
     chunk_size: Optional[int] = 32
     # Speed knobs; neither changes results beyond float rounding (bf16 rounds more).
     # auto: bf16 autocast where it is faster (CUDA GPUs with bf16; CPUs with native bf16, for
@@ -86,13 +86,25 @@ def fill_missing_seeds(hp: hyperparams.HParams, seed: int) -> None:
             fill_missing_seeds(value, seed)
 
 
-def resolve_seed(hp: hyperparams.HParams) -> int:
-    """The run's seed, as given or drawn on rank 0 and shared with every rank; stored in `hp`
-    (and in every nested `run.seed` left unset, e.g. the reward model's in train_policy)."""
-    seed = distributed.broadcast_object(hp.run.seed if hp.run.seed is not None else random.randrange(2 ** 31))
-    hp.run.seed = seed
-    fill_missing_seeds(hp, seed)
-    return seed
+def replayable(hp: hyperparams.HParams, seed: int) -> hyperparams.HParams:
+    """A copy of `hp` with `seed` in its `run.seed` and in every nested one left unset: the hparams
+    file of a run that used `seed`, which `--run.seed` may leave open (drawn at random)."""
+    filled = copy.deepcopy(hp)
+    filled.run.seed = seed
+    fill_missing_seeds(filled, seed)
+    return filled
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run settles as it starts, beside its hparams (which stay as given)."""
+
+    device: torch.device
+    seed: int  # as given, taken over from the run it resumes, or drawn on rank 0
+    save_dir: Path | None
+    # The label file the run trains on: a mock labeler's labels collected into the save folder (a
+    # temporary folder without one), else labels.source; None for a run with no fixed label set.
+    labels: str | None = None
 
 
 _claimed: set[Path] = set()  # save folders this process holds the lock of (held until it exits)
@@ -157,29 +169,45 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _read_labels_file_as_mock(saved: dict, current: dict, labels_file: str) -> None:
+    """Hparams files of runs started before hparams stayed as given (README, Changelog) hold, as
+    labels.source, the file a mock labeler's labels were collected into: read it as the mock
+    source it came from."""
+    for key, value in saved.items():
+        now = current.get(key)
+        if not isinstance(value, dict) or not isinstance(now, dict):
+            continue
+        if key == "labels" and value.get("source") == labels_file and sources.is_mock(now.get("source") or ""):
+            value["source"] = now["source"]
+        else:
+            _read_labels_file_as_mock(value, now, labels_file)
+
+
 def _wipe(save_dir: Path) -> None:
     for path in save_dir.iterdir():
         if path.name != save_folders.LOCK:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def saved_differences(hp: hyperparams.HParams, saved: dict) -> list[str]:
+def saved_differences(hp: hyperparams.HParams, saved: dict, seed: int | None = None,
+                      save_dir: Path | None = None) -> list[str]:
     """The dotted keys in which `hp` differs from a run's saved hparams, taking the saved seed where
-    `hp` has none (a rerun resumes the run when there are none)."""
-    current = copy.deepcopy(hp)
-    current.run.seed = saved["run"]["seed"] if hp.run.seed is None else hp.run.seed
-    fill_missing_seeds(current, current.run.seed)
-    return _differences(saved, current.to_nested_dict())
+    none is given (a rerun resumes the run when there are none). With the run's `save_dir`, an old
+    hparams file's collected labels file counts as the mock source it came from."""
+    current = replayable(hp, saved["run"]["seed"] if seed is None else seed).to_nested_dict()
+    if save_dir is not None:
+        _read_labels_file_as_mock(saved, current, str(save_dir / save_folders.LABELS))
+    return _differences(saved, current)
 
 
-def prepare_save_dir(hp: hyperparams.HParams, hparams_file: str) -> None:
+def prepare_save_dir(hp: hyperparams.HParams, hparams_file: str, save_dir: Path | None, seed: int | None) -> int | None:
     """Claim the save folder and decide between a new run, resuming, and refusing (see the module doc).
 
-    When the folder's run is resumed with no seed given, its seed is taken over.
+    `seed` is the one given (or None); when the folder's run is resumed with none given, its seed
+    is taken over. Returns the seed, on every rank.
     """
-    if not hp.run.save_dir:
-        return
-    save_dir = Path(hp.run.save_dir)
+    if save_dir is None:
+        return seed
     if distributed.is_main():
         claim(save_dir)
         path = save_dir / hparams_file
@@ -188,57 +216,63 @@ def prepare_save_dir(hp: hyperparams.HParams, hparams_file: str) -> None:
             _wipe(save_dir)
         if path.exists():
             saved = json.loads(path.read_text())
-            differ = saved_differences(hp, saved)
+            differ = saved_differences(hp, saved, seed, save_dir)
             if differ:
                 raise UserError(f"{save_dir} holds a run with other hparams ({', '.join(differ[:4])}); give this run "
                                 "another name, or rerun with --run.overwrite on to replace it")
-            hp.run.seed = saved["run"]["seed"] if hp.run.seed is None else hp.run.seed
-    hp.run.seed = distributed.broadcast_object(hp.run.seed)
+            if seed is None:
+                seed = saved["run"]["seed"]
+    return distributed.broadcast_object(seed)
 
 
-def save_hparams(hp: hyperparams.HParams, save_dir: Path | None, hparams_file: str) -> None:
-    """Rank 0 saves the resolved hparams (seed included), once the run's inputs have been read."""
-    if save_dir is not None and distributed.is_main():
-        storage.atomic_write_text(save_dir / hparams_file, hp.to_json())
+def save_hparams(hp: hyperparams.HParams, resolved: Resolved, hparams_file: str) -> None:
+    """Rank 0 saves the hparams with the seed used (`replayable`), once the run's inputs have been read."""
+    if resolved.save_dir is not None and distributed.is_main():
+        storage.atomic_write_text(resolved.save_dir / hparams_file, replayable(hp, resolved.seed).to_json())
 
 
-def start_run(hp: hyperparams.HParams, hparams_file: str,
-              labels_hp: hyperparams.HParams | None = None) -> tuple[torch.device, int, Path | None]:
+def start_run(hp: hyperparams.HParams, hparams_file: str, labels_hp: hyperparams.HParams | None = None,
+              within: Resolved | None = None) -> Resolved:
     """Validate, claim the save folder, fix the seed (drawn on rank 0 when unset) and print it.
+    `hp` stays as given: what the start settles is in the `Resolved` it returns.
 
     `labels_hp` are the hparams of the reward model the run trains on a fixed label set (itself in
     train_reward, `rewards.train_new_model` in an offline train_policy). When its labels.source is a
     mock labeler, the run collects its labels itself, after the folder is claimed and the seed
-    fixed (`collect_mock_labels`); labels.source then names the file.
+    fixed (`collect_mock_labels`). `within` is the train_policy run that a reward model trains in
+    first: its save folder, its labels, and its seed unless `hp.run.seed` is set.
 
-    Returns (device, seed, save_dir or None). The trainer saves the hparams with `save_hparams`
-    once its inputs are read; they hold the seed actually used, so `--run.seed S` replays a run.
+    The trainer saves the hparams with `save_hparams` once its inputs are read; they hold the seed
+    actually used, so `--run.seed S` replays a run.
     """
     hp.validate()
-    mock_source = None
-    if labels_hp is not None and sources.is_mock(labels_hp.labels.source):
-        mock_source = labels_hp.labels.source
-        if hp.run.save_dir:  # before the save folder compares these hparams with a run it holds
-            labels_hp.labels.source = str(Path(hp.run.save_dir) / save_folders.LABELS)
-    prepare_save_dir(hp, hparams_file)
-    seed = resolve_seed(hp)
-    if mock_source is not None:
-        collect_mock_labels(labels_hp, mock_source, seed, hp.run.save_dir)
+    if within is not None:
+        save_dir, given_seed = within.save_dir, within.seed if hp.run.seed is None else hp.run.seed
+    else:
+        save_dir, given_seed = Path(hp.run.save_dir) if hp.run.save_dir else None, hp.run.seed
+    seed = prepare_save_dir(hp, hparams_file, save_dir, given_seed)
+    seed = distributed.broadcast_object(seed if seed is not None else random.randrange(2 ** 31))
+    if within is not None:
+        labels = within.labels
+    elif labels_hp is not None and sources.is_mock(labels_hp.labels.source):
+        labels = collect_mock_labels(labels_hp, seed, save_dir)
+    else:
+        labels = labels_hp.labels.source if labels_hp is not None else None
     torch.manual_seed(seed)
     logging.print_main(f"seed {seed} (replay with --run.seed {seed})")
-    return distributed.device(), seed, Path(hp.run.save_dir) if hp.run.save_dir else None
+    return Resolved(distributed.device(), seed, save_dir, labels)
 
 
-def collect_mock_labels(labels_hp: hyperparams.HParams, source: str, seed: int, save_dir: str | None) -> None:
-    """Rank 0 collects the labels of a mock `source` into the save folder's labels.json (a
-    temporary folder without one), unless a resumed run has them already; every rank's
-    labels.source then names that file."""
+def collect_mock_labels(labels_hp: hyperparams.HParams, seed: int, save_dir: Path | None) -> str:
+    """Rank 0 collects the labels of `labels_hp`'s mock labels.source into the save folder's
+    labels.json (a temporary folder without one), unless a resumed run has them already; returns
+    that file's path, on every rank."""
     path = None
     if distributed.is_main():
-        path = Path(save_dir) / save_folders.LABELS if save_dir else Path(tempfile.mkdtemp()) / save_folders.LABELS
+        path = (save_dir or Path(tempfile.mkdtemp())) / save_folders.LABELS
         if path.exists():
             logging.print_main(f"using the labels collected before: {path}")
         else:
-            sources.collect_mock_labels(labels_hp.task, labels_hp.labels.type, labels_hp.labels.num_train, source,
-                                        path, seed, labels_hp.run.chunk_size)
-    labels_hp.labels.source = distributed.broadcast_object(str(path) if path else None)
+            sources.collect_mock_labels(labels_hp.task, labels_hp.labels.type, labels_hp.labels.num_train,
+                                        labels_hp.labels.source, path, seed, labels_hp.run.chunk_size)
+    return distributed.broadcast_object(str(path) if path else None)

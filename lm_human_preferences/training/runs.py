@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_human_preferences.labeling import sources
 from lm_human_preferences.training import resume, run, train_policy
 from lm_human_preferences.utils import hyperparams, save_folders
 from lm_human_preferences.utils.errors import UserError
@@ -90,15 +89,12 @@ def saved_run(folder: Path, mode: str) -> SavedRun | None:
 
 
 def as_started(hp: hyperparams.HParams, save_dir: Path) -> hyperparams.HParams:
-    """`hp` for a run in `save_dir` as the run records them: labels a mock labeler collects are
-    named by the file they are collected into (training/run.py, start_run)."""
+    """`hp` for a run in `save_dir` as the run records them: with its save folder, and the reward
+    model it trains saving into the same one."""
     hp = copy.deepcopy(hp)
     hp.run.save_dir = str(save_dir)
     if isinstance(hp, train_policy.HParams) and hp.rewards.train_new_model is not None:
         hp.rewards.train_new_model.run.save_dir = str(save_dir)  # it trains into the same folder
-    labels_hp = hp.labels_hp if isinstance(hp, train_policy.HParams) else hp
-    if labels_hp is not None and sources.is_mock(labels_hp.labels.source):
-        labels_hp.labels.source = str(save_dir / save_folders.LABELS)
     return hp
 
 
@@ -109,8 +105,15 @@ def differences(hp: hyperparams.HParams, saved: SavedRun) -> list[str]:
         if current.rewards.train_new_model is None:
             return ["rewards.train_new_model"]
         return ["rewards.train_new_model." + key for key in
-                run.saved_differences(current.rewards.train_new_model, saved.hparams)]
-    return run.saved_differences(current, saved.hparams)
+                run.saved_differences(current.rewards.train_new_model, saved.hparams, _reward_seed(current),
+                                      saved.folder)]
+    return run.saved_differences(current, saved.hparams, save_dir=saved.folder)
+
+
+def _reward_seed(hp: train_policy.HParams) -> int | None:
+    """The seed of the reward model a policy run trains: its own, else the run's (training/run.py)."""
+    own = hp.rewards.train_new_model.run.seed
+    return own if own is not None else hp.run.seed
 
 
 def newest_unfinished(root: Path, mode: str, experiment: str, hp: hyperparams.HParams) -> SavedRun:

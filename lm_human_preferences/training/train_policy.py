@@ -3,9 +3,11 @@
 The math of an update is in ppo.py; this module runs updates: the trainer (`PPOTrainer`: make
 rollouts, learn from them), the loop with its logging and checkpoints (`run_updates`), and the
 start and end every policy run shares (`start_policy_run`, `finish_policy_run`), which the
-offline run (`train`) and the online one (online.py) are built from.
+offline run (`train`) and the online one (`train_online`, with the label rounds of online.py)
+are built from.
 """
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,44 +20,15 @@ from lm_human_preferences.labeling import collect, sources
 from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task import lm_tasks, rewards
 from lm_human_preferences.task.policy import Policy, load_policy
-from lm_human_preferences.training import ppo, resume, stopping, train_reward
+from lm_human_preferences.training import online, ppo, resume, stopping, train_reward
+from lm_human_preferences.training.online import OnlineHParams
 from lm_human_preferences.training.ppo import AdaptiveKLParams, PpoHParams, RewardFn, Rollouts
-from lm_human_preferences.training.run import RunHParams, rank_generator, save_hparams, start_run
+from lm_human_preferences.training.run import Resolved, RunHParams, rank_generator, save_hparams, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
 
-NORMALIZE_ON = ("current", "initial")
 NEGATIVE_KL_UPDATES = 5  # warn once when the mean KL has been negative for this many updates in a row
-
-
-@dataclass
-class OnlineHParams(hyperparams.HParams):
-    """Label rounds while the policy trains (online.py)."""
-
-    initial_share: float = 0.5  # f: the share of the label budget labelled before PPO
-    interval: Optional[int] = None  # K: PPO episodes between rounds; None: a fifth of the run (whole PPO batches)
-    epochs: int = 1  # reward-model passes per round after the first
-    all_labels: bool = False  # those passes go over every label so far, not only the round's new ones
-    lr: Optional[float] = None  # the reward model's lr in rounds after the first; None: its own lr
-    normalize_on: str = "current"  # whose samples later rounds renormalize on: the current or the initial policy's
-    # Later rounds multiply kl_coef by the new reward model's spread over the old one's on the
-    # round's samples (the current policy's), so that the KL penalty keeps its weight against a
-    # reward whose scale changed (online.py: why `normalize_on initial` overshoots its KL target).
-    rescale_kl_coef: bool = False
-
-    def validate(self, _prefix: str = "") -> None:
-        super().validate(_prefix)
-        if not 0 < self.initial_share <= 1:
-            raise UserError(f"{_prefix}initial_share must be in (0, 1], got {self.initial_share}")
-        if self.interval is not None and self.interval <= 0:
-            raise UserError(f"{_prefix}interval must be a positive number of episodes, got {self.interval}")
-        if self.epochs <= 0:
-            raise UserError(f"{_prefix}epochs must be positive, got {self.epochs}")
-        if self.lr is not None and not 0 <= self.lr < float("inf"):
-            raise UserError(f"{_prefix}lr must be a finite number ≥ 0, got {self.lr}")
-        if self.normalize_on not in NORMALIZE_ON:
-            raise UserError(f"{_prefix}normalize_on must be one of {', '.join(NORMALIZE_ON)}, got {self.normalize_on!r}")
 
 
 @dataclass
@@ -99,33 +72,11 @@ class HParams(hyperparams.HParams):
             raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
                             "(raise ppo.batch_size, lower ppo.nminibatches or ranks, or set ppo.whiten_rewards off)")
         if self.rewards.online is not None:
-            self.validate_online()
-
-    def validate_online(self) -> None:
-        """What an online run needs beyond each group's own checks."""
-        if self.rewards.train_new_model is None:
-            raise UserError("rewards.online trains the reward model while the policy trains: set "
-                            "rewards.train_new_model, not rewards.trained_model")
-        if self.online_interval % self.ppo.batch_size:
-            raise UserError(f"rewards.online.interval={self.online_interval} must be a whole number of PPO batches "
-                            f"(ppo.batch_size={self.ppo.batch_size})")
-        labels = self.rewards.train_new_model.labels
-        sources.check_online(labels.source, labels.type)
+            online.check(self.rewards.online, self.rewards.train_new_model, self.ppo)
 
     @property
     def total_updates(self) -> int:
         return core.ceil_div(self.ppo.total_episodes, self.ppo.batch_size)
-
-    @property
-    def online_interval(self) -> int:
-        """K, in episodes: `rewards.online.interval`, else a fifth of the run in whole PPO batches."""
-        given = self.rewards.online.interval
-        return given if given is not None else self.ppo.batch_size * max(1, self.total_updates // 5)
-
-    @property
-    def labels_hp(self) -> train_reward.HParams | None:
-        """The reward model trained on a fixed label set before PPO (none online: its rounds label)."""
-        return self.rewards.train_new_model if self.rewards.online is None else None
 
 
 class PPOTrainer:
@@ -363,11 +314,11 @@ def run_updates(trainer: PPOTrainer, hp: HParams, save_dir: Path | None, until: 
 
 @dataclass
 class PolicyRun:
-    """What a policy run starts with: its seed, folder, resume state and the two policies."""
+    """What a policy run starts with: what its start resolved (seed, folder, labels), its resume
+    state and the two policies."""
 
     hp: HParams
-    seed: int
-    save_dir: Path | None
+    resolved: Resolved
     state: resume.State | None  # where a stopped run resumes PPO, if it does
     policy: Policy  # the one PPO trains (with a value head)
     ref_policy: Policy  # the initial policy, frozen: the KL penalty's reference
@@ -385,15 +336,19 @@ def load_policies(hp: HParams, device: torch.device) -> tuple[Policy, Policy]:
 
 def start_policy_run(hp: HParams) -> PolicyRun:
     """Claim the save folder, fix the seed (and collect mock labels: `run.start_run`), find the
-    resume state, and load the policies. The caller saves the hparams once its inputs are read."""
-    device, seed, save_dir = start_run(hp, save_folders.POLICY_HPARAMS, labels_hp=hp.labels_hp)
-    state = resume.unfinished_state(save_dir, save_folders.POLICY, "a policy run")
-    return PolicyRun(hp, seed, save_dir, state, *load_policies(hp, device))
+    resume state, and load the policies. The caller saves the hparams once its inputs are read.
+
+    An offline run's reward model, when it trains one, trains on a fixed label set: the run
+    collects them at its start if a mock labeler gives them. Online, the rounds label."""
+    labels_hp = hp.rewards.train_new_model if hp.rewards.online is None else None
+    resolved = start_run(hp, save_folders.POLICY_HPARAMS, labels_hp=labels_hp)
+    state = resume.unfinished_state(resolved.save_dir, save_folders.POLICY, "a policy run")
+    return PolicyRun(hp, resolved, state, *load_policies(hp, resolved.device))
 
 
 def resume_trainer(run: PolicyRun, trainer: PPOTrainer) -> None:
     if run.state is not None:
-        trainer.restore(run.state, trained_models.load_file(run.save_dir / save_folders.POLICY,
+        trainer.restore(run.state, trained_models.load_file(run.resolved.save_dir / save_folders.POLICY,
                                                             run.state.checkpoint).tensors)
         logging.print_main(f"resuming PPO at update {run.state.step} of {run.hp.total_updates}")
 
@@ -411,29 +366,31 @@ def before_after_samples(policy: Policy, ref_policy: Policy, task: lm_tasks.Task
 
 
 def finish_policy_run(run: PolicyRun, trainer: PPOTrainer, reward_summary: dict | None) -> dict:
-    """Write the before/after samples (rank 0) and return the run's summary: the first and last
-    update's stats, every update's ("history"), and the reward model's summary ("reward_model")."""
-    if run.save_dir is not None and distributed.is_main():
+    """Write the before/after samples (rank 0) and return the run's summary: the seed it used
+    ("seed"), the first and last update's stats, every update's ("history"), and the reward
+    model's summary ("reward_model")."""
+    save_dir, seed = run.resolved.save_dir, run.resolved.seed
+    if save_dir is not None and distributed.is_main():
         samples = [dict(query=q, before=b, after=a)
-                   for q, b, a in before_after_samples(run.policy, run.ref_policy, run.hp.task, run.seed)]
-        storage.atomic_write_text(run.save_dir / save_folders.SAMPLES, json.dumps(samples, indent=1))
+                   for q, b, a in before_after_samples(run.policy, run.ref_policy, run.hp.task, seed)]
+        storage.atomic_write_text(save_dir / save_folders.SAMPLES, json.dumps(samples, indent=1))
     distributed.barrier()
     history = trainer.history
-    return {"first": history[0], "last": history[-1], "history": history, "reward_model": reward_summary}
+    return {"seed": seed, "first": history[0], "last": history[-1], "history": history,
+            "reward_model": reward_summary}
 
 
-def load_reward_model(hp: HParams, save_dir: Path | None, encoding_name: str) -> tuple[rewards.RewardModel, dict | None]:
-    """The frozen reward model: trained first (rewards.train_new_model; with its summary) — or taken
-    from the save folder when that training already finished —, or loaded (rewards.trained_model)."""
-    summary = None
+def load_reward_model(hp: HParams, resolved: Resolved, encoding_name: str) -> tuple[rewards.RewardModel, dict | None]:
+    """The frozen reward model: trained first in the run's folder (rewards.train_new_model; with its
+    summary) — or taken from the save folder when that training already finished —, or loaded
+    (rewards.trained_model)."""
+    summary, save_dir = None, resolved.save_dir
     if hp.rewards.train_new_model is not None and save_dir is not None and train_reward.finished(save_dir):
         logging.print_main(f"the reward model in {save_dir} finished training; using it")
         reward_model = distributed.main_first(lambda: rewards.load_trained(str(save_dir), distributed.device()))
         summary = json.loads((save_dir / save_folders.REWARD_SUMMARY).read_text())
     elif hp.rewards.train_new_model is not None:
-        reward_hp = hp.rewards.train_new_model
-        reward_hp.run.save_dir = hp.run.save_dir
-        reward_model, summary = train_reward.train(reward_hp)
+        reward_model, summary = train_reward.train(hp.rewards.train_new_model, within=resolved)
     else:  # rank 0 downloads; the others then read the cache
         reward_model = distributed.main_first(lambda: rewards.load_trained(hp.rewards.trained_model, distributed.device()))
     if reward_model.encoding.name != encoding_name:
@@ -446,15 +403,55 @@ def load_reward_model(hp: HParams, save_dir: Path | None, encoding_name: str) ->
 def train(hp: HParams, reward_fn: RewardFn | None = None) -> tuple[Policy, dict]:
     """Fine-tune a policy per `hp` offline. `reward_fn` replaces the reward model (e.g. a programmatic
     scorer). Returns the policy and `finish_policy_run`'s summary. With a save folder, a run resumes
-    from its last checkpoint when run again with the same hparams. (Online runs: online.train.)"""
+    from its last checkpoint when run again with the same hparams. (Online runs: train_online.)"""
     if hp.rewards.online is not None:
-        raise UserError("rewards.online runs are online.train's; launch them through experiments.train_function")
+        raise UserError("rewards.online runs are train_online's; launch them through experiments.train_function")
     run = start_policy_run(hp)
     reward_summary = None
     if reward_fn is None:
-        reward_fn, reward_summary = load_reward_model(hp, run.save_dir, run.policy.encoding.name)
-    save_hparams(hp, run.save_dir, save_folders.POLICY_HPARAMS)
-    trainer = PPOTrainer(run.policy, run.ref_policy, reward_fn, hp, run.seed)
+        reward_fn, reward_summary = load_reward_model(hp, run.resolved, run.policy.encoding.name)
+    save_hparams(hp, run.resolved, save_folders.POLICY_HPARAMS)
+    trainer = PPOTrainer(run.policy, run.ref_policy, reward_fn, hp, run.resolved.seed)
     resume_trainer(run, trainer)
-    run_updates(trainer, hp, run.save_dir)
+    run_updates(trainer, hp, run.resolved.save_dir)
     return run.policy, finish_policy_run(run, trainer, reward_summary)
+
+
+def train_online(hp: HParams) -> tuple[Policy, dict]:
+    """An online run (`rewards.online`): PPO's updates with online.py's label rounds between them;
+    returns what `train` returns, with the summaries of the rounds under "online" and the last
+    round's under "reward_model"."""
+    if hp.run.save_dir is None and sources.app_port(hp.rewards.train_new_model.labels.source) is not None:
+        raise UserError("labels from people need a save folder (run.save_dir) for the app's questions and answers")
+    run = start_policy_run(hp)
+    resolved, reward_hp = run.resolved, hp.rewards.train_new_model
+    save_dir = resolved.save_dir
+    reward_model, encoding_name, reward_state, progress = online.reward_side(hp.task, run.policy.device, save_dir)
+    save_hparams(hp, resolved, save_folders.POLICY_HPARAMS)
+    reward_trainer = train_reward.RewardModelTrainer(reward_model, run.ref_policy, reward_hp, resolved.seed)
+    # PPO scores with the reward model through a function: given the module itself, it would freeze it
+    trainer = PPOTrainer(run.policy, run.ref_policy, lambda q, r: reward_model(q, r), hp, resolved.seed)
+    if reward_state is not None:
+        reward_trainer.restore(reward_state)
+    resume_trainer(run, trainer)
+    if progress.rounds and progress.rounds[-1]["update"] == trainer.update and "kl_coef" in progress.rounds[-1]:
+        # PPO's state was saved before its last round rescaled kl_coef (rescale_kl_coef)
+        trainer.kl_ctl.value = progress.rounds[-1]["kl_coef"]
+    logging.print_main(f"online: {len(progress.rounds)} label rounds done, PPO at update {trainer.update} of "
+                       f"{hp.total_updates}")
+    with contextlib.ExitStack() as stack:
+        people = online.start_people(reward_hp, resolved, progress, run.policy.encoding.padding_token, stack)
+        rounds = online.OnlineRun(hp.rewards.online, reward_hp, hp.run, reward_trainer, progress, resolved,
+                                  encoding_name, people, trainer.kl_ctl)
+        stack.callback(rounds.scalar_log.close)
+        for rnd in online.schedule(hp.rewards.online, reward_hp, hp.ppo)[len(progress.rounds):]:
+            if trainer.update < rnd.update:
+                run_updates(trainer, hp, save_dir, until=rnd.update)
+            with stopping.graceful() as stop:
+                rounds.run_round(run.policy, rnd, online.Heartbeat(stop, f"while waiting for label round {rnd.index}"))
+                if stop.requested():
+                    stop.exit(f"after label round {rnd.index}; rerun the same command to resume")
+        run_updates(trainer, hp, save_dir)
+    summary = finish_policy_run(run, trainer, progress.rounds[-1])
+    summary["online"] = {"rounds": progress.rounds}
+    return run.policy, summary

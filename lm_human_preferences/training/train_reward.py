@@ -15,7 +15,7 @@ from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.task.policy import Policy, load_policy
 from lm_human_preferences.task.rewards import RewardModel, reward_stats
 from lm_human_preferences.training import resume
-from lm_human_preferences.training.run import RunHParams, rank_generator, save_hparams, start_run
+from lm_human_preferences.training.run import Resolved, RunHParams, rank_generator, save_hparams, start_run
 from lm_human_preferences.utils import core, distributed, hyperparams, logging, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 from lm_human_preferences.utils.tf_adam import TFAdam
@@ -98,7 +98,10 @@ class RewardModelTrainer:
         self.reward_model.configure(hp.run)  # run.precision / run.share_queries
         self.policy.configure(hp.run, frozen=self.policy.model is not self.reward_model.model)
         self.step = 0  # batches trained
-        self.extra: dict = {}  # what the final summary needs from before a resume (normalization stats)
+        # What the final summary needs from before a resume: the stats of the last batch trained and
+        # the normalization before training (train_reward's; an online round's is in its summary).
+        self.last_stats: dict[str, float] = {}
+        self.normalize_before: dict[str, float] | None = None
 
     def sample_rewards(self, n_samples: int) -> torch.Tensor:
         """Rewards of the initial policy's (truncated) responses: ceil(n / rollout_batch_size) global batches."""
@@ -145,7 +148,7 @@ class RewardModelTrainer:
         num_train, world, rank = hp.labels.num_train, distributed.world_size(), distributed.rank()
         per_rank = core.exact_div(hp.batch_size, world)
         total = hp.epochs * num_train
-        stats: dict[str, float] = dict(self.extra.get("last_stats", {}))
+        stats: dict[str, float] = dict(self.last_stats)
         with logging.progress(hp.total_steps, "reward model", "batch") as bar:
             bar.update(self.step)
             for epoch in range(hp.epochs):
@@ -170,7 +173,7 @@ class RewardModelTrainer:
                     if self.step % hp.run.log_interval == 0:
                         logging.print_main(f"batch {self.step}:", logging.format_stats(stats))
                     self.step += 1
-                    self.extra["last_stats"] = stats
+                    self.last_stats = stats
                     if self.step % hp.run.save_interval == 0 and self.step < hp.total_steps:
                         checkpoint()
         # The gradients are spent: a reward model frozen for PPO would keep them (its size again) alive.
@@ -189,16 +192,24 @@ class RewardModelTrainer:
         return {"sampling": self.generator}
 
     def save_state(self, where: Path, checkpoint: str, finished: bool = False, step: int | None = None,
-                   **extra) -> None:
-        """Save what resuming needs, named by `step` (default: the batches trained); `extra` items
-        are kept with it (`restore` gives them back in `self.extra`)."""
-        self.extra.update(extra)
+                   online: dict | None = None) -> None:
+        """Save what resuming needs, named by `step` (default: the batches trained); an online run
+        keeps its rounds' state with it (`online.Progress`; `online_meta` reads it back)."""
+        extra: dict = {}
+        if self.normalize_before is not None:
+            extra["normalize_before"] = self.normalize_before
+        if self.last_stats:
+            extra["last_stats"] = self.last_stats
+        if online is not None:
+            extra["online"] = online
         resume.save_state(where, self.step if step is None else step, checkpoint, self.optimizer, self.generators(),
-                          dict(query_batches=self.query_batches, extra=self.extra), finished)
+                          dict(query_batches=self.query_batches, extra=extra), finished)
 
     def restore(self, state: resume.State) -> None:
         resume.restore(state, self.optimizer, self.generators())
-        self.step, self.extra = state.step, state.meta["extra"]
+        self.step = state.step
+        self.last_stats = state.meta["extra"].get("last_stats", {})
+        self.normalize_before = state.meta["extra"].get("normalize_before")
         for _ in range(state.meta["query_batches"]):
             next(self.queries)
         self.query_batches = state.meta["query_batches"]
@@ -288,18 +299,25 @@ def finished(save_dir: Path) -> bool:
     return state is not None and state.finished
 
 
-def train(hp: HParams) -> tuple[RewardModel, dict]:
+def online_meta(state: resume.State) -> dict | None:
+    """The online rounds' state that `RewardModelTrainer.save_state` kept with `state`, if any."""
+    return state.meta["extra"].get("online")
+
+
+def train(hp: HParams, within: Resolved | None = None) -> tuple[RewardModel, dict]:
     """Train a reward model per `hp`; returns it and a summary (final train stats, held-out metrics).
 
     With a save folder, the trainer checkpoints every run.save_interval batches and resumes
-    from its last checkpoint when run again with the same hparams.
+    from its last checkpoint when run again with the same hparams. `within` is the train_policy
+    run this reward model is trained first in (`run.start_run`).
     """
-    device, seed, save_dir = start_run(hp, save_folders.REWARD_HPARAMS, labels_hp=hp)
+    resolved = start_run(hp, save_folders.REWARD_HPARAMS, labels_hp=hp, within=within)
+    seed, save_dir = resolved.seed, resolved.save_dir
     state = resume.unfinished_state(save_dir, save_folders.REWARD_MODEL, "a reward model run")
-    reward_model, policy, encoding_name = load_models(hp, device)
+    reward_model, policy, encoding_name = load_models(hp, resolved.device)
     label_type = label_types.get(hp.labels.type)
-    train_labels, heldout = load_labels(hp, reward_model.encoding, hp.labels.source)
-    save_hparams(hp, save_dir, save_folders.REWARD_HPARAMS)
+    train_labels, heldout = load_labels(hp, reward_model.encoding, resolved.labels)
+    save_hparams(hp, resolved, save_folders.REWARD_HPARAMS)
 
     trainer = RewardModelTrainer(reward_model, policy, hp, seed)
     if state is not None:
@@ -313,8 +331,8 @@ def train(hp: HParams) -> tuple[RewardModel, dict]:
 
     scalar_log = logging.ScalarLog(save_dir / save_folders.TENSORBOARD / save_folders.REWARD_MODEL if save_dir else None)
     if hp.normalize_before and state is None:
-        trainer.extra["normalize_before"] = trainer.normalize(*target_moments(label_type, train_labels))
-    summary: dict = {k: v for k, v in trainer.extra.items() if k.startswith("normalize")}
+        trainer.normalize_before = trainer.normalize(*target_moments(label_type, train_labels))
+    summary: dict = {} if trainer.normalize_before is None else {"normalize_before": trainer.normalize_before}
     summary["train"] = trainer.train(train_labels, seed, scalar_log, checkpoint if save_dir else lambda: None)
     if hp.normalize_after:
         summary["normalize_after"] = trainer.normalize(0.0, 1.0)

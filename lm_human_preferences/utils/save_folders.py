@@ -1,6 +1,6 @@
 """Every file and folder name of a run's save folder (`<save_root>/<NAME>`), in one place.
 
-    train_reward_hparams.json     the resolved hparams of a train_reward run (seed included)
+    train_reward_hparams.json     the hparams of a train_reward run as given, with the seed it used
     train_policy_hparams.json     … of a train_policy run (its reward model's nested inside)
     reward_model/, policy/        the models: hparams.json, encoding, checkpoints/model-<step>.safetensors
     resume/reward_model/, resume/policy/   exact-resume state of each phase (training/resume.py)
