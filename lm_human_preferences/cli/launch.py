@@ -1,4 +1,4 @@
-"""`launch.py train_reward|train_policy EXPERIMENT NAME [--flags]`: the original's launcher."""
+"""`launch.py train_reward|train_policy|train_dpo EXPERIMENT NAME [--flags]`: the original's launcher."""
 
 import os
 
@@ -9,20 +9,22 @@ from lm_human_preferences.utils import distributed
 from lm_human_preferences.utils.errors import UserError
 
 LAUNCH_HELP = """\
-usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--mpi N] [--save_dir D] [--dry_run]
+usage: launch.py {train_reward,train_policy,train_dpo} EXPERIMENT NAME [--mpi N] [--save_dir D] [--dry_run]
                  [--<dotted.hparam> VALUE ...]
 
-Train a reward model from human labels (train_reward) or fine-tune a policy with PPO
-against one (train_policy), with the hyper-parameters of a named experiment.
+Train a reward model from human labels (train_reward), fine-tune a policy with PPO
+against one (train_policy), or fine-tune it on the labels directly by DPO (train_dpo),
+with the hyper-parameters of a named experiment.
 
 experiments:  train_reward: %(reward)s
               train_policy: %(policy)s
+              train_dpo:    %(dpo)s
 
 options:
   --mpi N               data-parallel ranks on this machine (default: one per visible GPU, else 1);
                         under torchrun, mpirun or Slurm the ranks come from the environment
   --save_dir D          root folder for outputs; they go to D/NAME
-                        (default /tmp/save/train_reward or /tmp/save/train_policy)
+                        (default /tmp/save/MODE, e.g. /tmp/save/train_policy)
   --dry_run             print the resolved hyper-parameters and exit
   --KEY VALUE, --KEY=VALUE
                         override a hyper-parameter by its dotted key, e.g. --ppo.lr 1e-5;
@@ -61,12 +63,13 @@ def resolve(mode: str, experiment: str, name: str, flags: dict[str, str], ranks:
 
 def launch(args: list[str]) -> None:
     if not args or "--help" in args or "-h" in args:
-        print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY)))
+        print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY),
+                                 dpo=", ".join(experiments.TRAIN_DPO)))
         if not args:
             raise UserError("give a mode, an experiment and a run name")
         return
     if len(args) < 3 or any(a.startswith("--") for a in args[:3]):
-        raise UserError("usage: launch.py {train_reward,train_policy} EXPERIMENT NAME [--flags] (see --help)")
+        raise UserError("usage: launch.py {train_reward,train_policy,train_dpo} EXPERIMENT NAME [--flags] (see --help)")
     mode, experiment, name = args[:3]
     flags = options.parse(args[3:], booleans={"dry_run"})
     ranks = options.pop_int(flags, "mpi", distributed.default_ranks(), minimum=1, meaning=" (the number of ranks)")
