@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lm_human_preferences import experiments
 from lm_human_preferences.cli import main as cli
+from lm_human_preferences.evaluation import report
 from lm_human_preferences.labeling import label_types
 from lm_human_preferences.task.policy import load_policy
 from lm_human_preferences.training import dpo, train_dpo, train_reward
@@ -141,6 +142,9 @@ def test_a_short_run_raises_the_chosen_responses_margin(tmp_path):
                  "resume/policy/latest", "tb/dpo"):
         assert (run / name).exists(), name
     assert json.loads((run / "resume/policy" / (run / "resume/policy/latest").read_text()).read_text())["finished"]
+    page = report.write_report(run).read_text()
+    assert "<h2>DPO</h2>" in page and "Held-out labels (the implicit reward)" in page and "<h2>PPO</h2>" not in page
+    assert (run / "report" / "dpo_margin.png").exists()
 
 
 def test_a_run_stopped_by_sigterm_resumes_exactly(tmp_path, monkeypatch):

@@ -28,8 +28,8 @@ Scalars = dict[str, dict[int, float]]  # tag -> step -> value
 Series = tuple[str, list[float], list[float]]  # legend label, x, y
 
 REPORT_FILE, PLOT_DIR = files.REPORT, files.REPORT_PLOTS
-HPARAMS_FILES = (files.REWARD_HPARAMS, files.POLICY_HPARAMS)
-RUN_FILES = (*HPARAMS_FILES, files.REWARD_SUMMARY, files.MOCK_SUMMARY, files.SAMPLES, files.TENSORBOARD)
+HPARAMS_FILES = (files.REWARD_HPARAMS, files.POLICY_HPARAMS, files.DPO_HPARAMS)
+RUN_FILES = (*HPARAMS_FILES, files.REWARD_SUMMARY, files.DPO_SUMMARY, files.MOCK_SUMMARY, files.SAMPLES, files.TENSORBOARD)
 FIGSIZE, DPI = (6, 3.2), 90
 NORM_COLUMNS = ["mean_before", "std_before", "target_mean", "target_std", "gain", "bias", "mean_after", "std_after"]
 
@@ -267,10 +267,24 @@ def ppo_section(page: Page, scalars: Scalars, policy_hparams: Any, notes: list[s
     return f'<h2>PPO</h2><div class="plots">{"".join(images)}</div>{last_values(scalars)}{notes_html(notes)}'
 
 
+def dpo_section(page: Page, summary: Any, scalars: Scalars, notes: list[str]) -> str:
+    """A DPO run's curves (loss, accuracy, implicit rewards and margin by batch) and held-out metrics."""
+    images = [plot(page, tag.replace("/", "_"), tag, "batch", [(tag, *series(scalars, tag))])
+              for tag in sorted(scalars) if tag.startswith("dpo/")]
+    parts = ["<h2>DPO</h2>", f'<div class="plots">{"".join(images)}</div>']
+    heldout = heldout_metrics(summary if isinstance(summary, dict) else {}, scalars)
+    if heldout:
+        parts += ["<h3>Held-out labels (the implicit reward)</h3>", table(list(heldout), [list(heldout.values())])]
+    if scalars:
+        parts.append(last_values(scalars))
+    return "".join(parts) + notes_html(notes)
+
+
 def seeds(hparams: dict[str, Any]) -> list[tuple[str, Any]]:
     """(which, seed) for each run found; the reward model's own seed inside train_policy's hparams counts too."""
     found = [(what, dig(hparams.get(name), "run", "seed"))
-             for name, what in ((files.REWARD_HPARAMS, "reward model"), (files.POLICY_HPARAMS, "policy"))
+             for name, what in ((files.REWARD_HPARAMS, "reward model"), (files.POLICY_HPARAMS, "policy"),
+                                (files.DPO_HPARAMS, "DPO policy"))
              if name in hparams]
     nested = dig(hparams.get(files.POLICY_HPARAMS), "rewards", "train_new_model")
     if files.REWARD_HPARAMS not in hparams and isinstance(nested, dict):
@@ -378,10 +392,16 @@ def render(folder: Path, page: Page) -> str:
     ppo_tb = read_scalars(folder / files.TENSORBOARD / files.PPO_LOG, ppo_notes, "the run may have stopped before its first update, "
                           "or it only trained a reward model")
     mock = read_json(folder / files.MOCK_SUMMARY, mock_notes, "only offline demo runs on mock labels have one")
+    training = [safely("Reward model", lambda: reward_section(page, reward_summary, reward_tb, reward_notes)),
+                safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(files.POLICY_HPARAMS), ppo_notes))]
+    if files.DPO_HPARAMS in hparams:  # a DPO run trains no reward model and runs no PPO
+        dpo_notes: list[str] = []
+        dpo_summary = read_json(folder / files.DPO_SUMMARY, dpo_notes, "DPO training did not finish")
+        dpo_tb = read_scalars(folder / files.TENSORBOARD / files.DPO_LOG, dpo_notes, "the run stopped before its first batch")
+        training = [safely("DPO", lambda: dpo_section(page, dpo_summary, dpo_tb, dpo_notes))]
     sections = [
         safely("Summary", lambda: headline(mock, reward_summary, ppo_tb, seeds(hparams)) + notes_html(mock_notes)),
-        safely("Reward model", lambda: reward_section(page, reward_summary, reward_tb, reward_notes)),
-        safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(files.POLICY_HPARAMS), ppo_notes)),
+        *training,
         safely("Samples", lambda: samples_section(mock, folder / files.SAMPLES, sample_notes)),
         safely("Hyperparameters", lambda: hparams_section(hparams, hparams_notes)),
     ]
