@@ -170,6 +170,7 @@ def _dpo(name: str, **fields) -> train_dpo.HParams:
 
 
 def _test_dpo() -> train_dpo.HParams:
+    """The `test` labels' records are all alike (nothing to learn): give --labels.source a file to learn from."""
     hp = _dpo("test", batch_size=8, lr=1e-3)
     hp.run.log_interval, hp.run.save_interval = 1, 2
     return hp

@@ -145,6 +145,7 @@ def test_a_short_run_raises_the_chosen_responses_margin(tmp_path):
     page = report.write_report(run).read_text()
     assert "<h2>DPO</h2>" in page and "Held-out labels (the implicit reward)" in page and "<h2>PPO</h2>" not in page
     assert (run / "report" / "dpo_margin.png").exists()
+    assert cli.main("sample", ["sample", "--save_dir", str(run), "--nsamples", "2", "--seed", "1"]) == 0
 
 
 def test_a_run_stopped_by_sigterm_resumes_exactly(tmp_path, monkeypatch):
