@@ -5,9 +5,9 @@ each batch of best-of-N records gets the policy's and the frozen initial policy'
 log-probabilities of every response, their implicit rewards β·(log π − log π_ref) and the
 `loss` (pairwise or best_of_n). Labels come as train_reward's do (`labels.source`: a label
 file, or `mock:<labeler>` collected on the initial policy's samples). The save folder has the
-usual layout (utils/save_folders.py): the trained policy in policy/ (sample.py and
-`--rewards.trained_model`-style loaders read it like PPO's), its resume state in
-resume/policy/, TensorBoard scalars in tb/dpo/, and train_dpo_summary.json.
+usual layout (utils/save_folders.py): the trained policy in policy/ (sample.py reads it as it
+reads PPO's), its resume state in resume/policy/, TensorBoard scalars in tb/dpo/, and
+train_dpo_summary.json.
 """
 
 import json
