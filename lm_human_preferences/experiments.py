@@ -1,6 +1,6 @@
 """The named experiments (the original's launch.py), as plain factories.
 
-`get("train_reward", name)` and `get("train_policy", name)` return fresh hparams.
+`get("train_reward", name)`, `get("train_policy", name)` and `get("train_dpo", name)` return fresh hparams.
 """
 
 import functools
@@ -11,7 +11,7 @@ from pathlib import Path
 from lm_human_preferences.evaluation import report, verdict
 from lm_human_preferences.labeling import mock_labelers, sources
 from lm_human_preferences.task import lm_tasks
-from lm_human_preferences.training import ppo, run, train_policy, train_reward
+from lm_human_preferences.training import ppo, run, train_dpo, train_policy, train_reward
 from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
@@ -160,12 +160,43 @@ TRAIN_POLICY: dict[str, Callable[[], train_policy.HParams]] = {
     "test": _test_policy,
 }
 
-MODES = {"train_reward": TRAIN_REWARD, "train_policy": TRAIN_POLICY}
+
+def _dpo(name: str, **fields) -> train_dpo.HParams:
+    """DPO on the labels of the `name` reward model: its task, label source and label count."""
+    reward = TRAIN_REWARD[name]()
+    hp = train_dpo.HParams(task=reward.task, labels=reward.labels, **fields)
+    hp.run.seed, hp.run.chunk_size = reward.run.seed, reward.run.chunk_size
+    return hp
+
+
+def _test_dpo() -> train_dpo.HParams:
+    """The `test` labels' records are all alike (nothing to learn): give --labels.source a file to learn from."""
+    hp = _dpo("test", batch_size=8, lr=1e-3)
+    hp.run.log_interval, hp.run.save_interval = 1, 2
+    return hp
+
+
+TRAIN_DPO: dict[str, Callable[[], train_dpo.HParams]] = {
+    "sentiment": lambda: _dpo("sentiment"),
+    "descriptiveness": lambda: _dpo("descriptiveness"),
+    # The DPO paper's β for summarization (TL;DR); the reward model's batch, as 46,000 labels are
+    # no multiple of 64.
+    "cnndm": lambda: _dpo("cnndm", beta=0.5, batch_size=16),
+    "tldr": lambda: _dpo("tldr", beta=0.5, batch_size=16),
+    # The small kjv model learns at PPO's lr of the mock experiments, not at the paper's 1e-6 for
+    # models of billions of parameters.
+    "mock_sentiment": lambda: _dpo("mock_sentiment", lr=1e-4),
+    "mock_descriptiveness": lambda: _dpo("mock_descriptiveness", lr=1e-4),
+    "test": _test_dpo,
+}
+
+MODES = {"train_reward": TRAIN_REWARD, "train_policy": TRAIN_POLICY, "train_dpo": TRAIN_DPO}
+ExperimentHParams = train_reward.HParams | train_policy.HParams | train_dpo.HParams
 
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}; use train_reward or train_policy")
+        raise UserError(f"unknown mode {mode!r}; use train_reward, train_policy or train_dpo")
 
 
 def train_function(mode: str) -> Callable:
@@ -174,19 +205,23 @@ def train_function(mode: str) -> Callable:
     return functools.partial(run_experiment, mode)
 
 
-def run_experiment(mode: str, hp: train_reward.HParams | train_policy.HParams):
-    """Train per `hp` — a reward model, or a policy offline or online — and, on mock labels, end
-    with the labeler's verdict; every run ends (or dies) with its report written (rank 0, when the
-    run owns its save folder)."""
+def run_experiment(mode: str, hp: ExperimentHParams):
+    """Train per `hp` — a reward model, or a policy offline, online or by DPO — and, on mock labels,
+    end with the labeler's verdict; every run ends (or dies) with its report written (rank 0, when
+    the run owns its save folder)."""
     try:
         if mode == "train_reward":
             return train_reward.train(hp)
-        reward_hp = hp.rewards.train_new_model
-        mock = reward_hp is not None and sources.is_mock(reward_hp.labels.source)
-        labeler_name = mock_labelers.parse_source(reward_hp.labels.source)[0] if mock else None
-        policy, result = (train_policy.train_online if hp.rewards.online is not None else train_policy.train)(hp)
+        labels_hp = hp if mode == "train_dpo" else hp.rewards.train_new_model
+        mock = labels_hp is not None and sources.is_mock(labels_hp.labels.source)
+        labeler_name = mock_labelers.parse_source(labels_hp.labels.source)[0] if mock else None
+        if mode == "train_dpo":
+            policy, result = train_dpo.train(hp)
+        else:
+            policy, result = (train_policy.train_online if hp.rewards.online is not None else train_policy.train)(hp)
         if mock and distributed.is_main():
-            result["mock"] = verdict.summary(hp, labeler_name, policy, result)
+            result["mock"] = (verdict.dpo_summary if mode == "train_dpo" else verdict.summary)(
+                hp, labeler_name, policy, result)
             verdict.print_summary(result["mock"])
             if hp.run.save_dir:
                 storage.atomic_write_text(Path(hp.run.save_dir) / save_folders.MOCK_SUMMARY,
@@ -196,7 +231,7 @@ def run_experiment(mode: str, hp: train_reward.HParams | train_policy.HParams):
         write_report(hp)
 
 
-def write_report(hp: train_reward.HParams | train_policy.HParams) -> None:
+def write_report(hp: ExperimentHParams) -> None:
     """The run report (rank 0, when the run owns its save folder); a run that never started leaves nothing."""
     save_dir = Path(hp.run.save_dir) if hp.run.save_dir else None
     if save_dir is not None and distributed.is_main() and run.owns(save_dir) and not run.release_if_unstarted(save_dir):

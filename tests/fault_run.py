@@ -3,7 +3,7 @@
     FAULT=kill:3:policy python tests/fault_run.py launch.py-args...
 
 FAULT is `<kind>:<step>:<phase>`: kind `kill` (SIGKILL), `term` (SIGTERM) or `stop` (SIGSTOP);
-phase `reward` (reward-model batches) or `policy` (PPO updates); step counts from 0. The fault
+phase `reward` (reward-model batches), `policy` (PPO updates) or `dpo` (DPO batches); step counts from 0. The fault
 hits rank 0 (`stop`: the last rank) as that step starts. The patch is applied at import, so
 ranks spawned by --mpi (which import this file again) carry it too.
 """
@@ -13,12 +13,13 @@ import signal
 import sys
 
 from lm_human_preferences.cli import main as cli
-from lm_human_preferences.training import train_policy, train_reward
+from lm_human_preferences.training import train_dpo, train_policy, train_reward
 from lm_human_preferences.utils import distributed
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}
 PATCHES = {"reward": (train_reward.RewardModelTrainer, "accumulate_gradients", lambda t: t.step),
-           "policy": (train_policy.PPOTrainer, "step", lambda t: t.update)}
+           "policy": (train_policy.PPOTrainer, "step", lambda t: t.update),
+           "dpo": (train_dpo.DPOTrainer, "accumulate_gradients", lambda t: t.step)}
 
 
 def inject(kind: str, step: int, phase: str) -> None:

@@ -17,6 +17,7 @@ from lm_human_preferences.cli import main as cli
 from lm_human_preferences.language import trained_models
 from lm_human_preferences.language.model import HParams
 from lm_human_preferences.utils.errors import UserError
+from test_dpo import synthetic_labels
 
 FAULT_RUN = Path(__file__).with_name("fault_run.py")
 # The tiny `test` experiments: 6 reward-model batches, then (train_policy) 16 PPO updates.
@@ -80,6 +81,22 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, ranks):
     resumed = launch([*args[:2], "stopped", *args[2:]])
     assert straight.returncode == 0 and resumed.returncode == 0, resumed.stderr
     assert_identical(final_weights(tmp_path / "straight", "policy"), final_weights(tmp_path / "stopped", "policy"))
+
+
+def test_a_killed_dpo_run_resumes_exactly(tmp_path):
+    """On two ranks (test_dpo.py stops one rank's run by SIGTERM in-process)."""
+    labels = synthetic_labels(tmp_path / "labels.json", 80)  # 8 batches
+    args = ["train_dpo", "test", "--mpi", "2", *FAST, "--save_dir", str(tmp_path), "--labels.source", labels,
+            "--labels.num_train", "64"]
+    straight = launch([*args[:2], "straight", *args[2:]])
+    assert straight.returncode == 0, straight.stderr
+    killed = launch([*args[:2], "killed", *args[2:]], fault="kill:3:dpo")
+    assert killed.returncode != 0
+    assert resume_state(tmp_path / "killed", "policy")["step"] == 2
+    resumed = launch([*args[:2], "killed", *args[2:]])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming DPO at batch 2 of 8" in resumed.stdout + resumed.stderr
+    assert_identical(final_weights(tmp_path / "straight", "policy"), final_weights(tmp_path / "killed", "policy"))
 
 
 def test_a_stopped_rank_stops_every_rank(tmp_path):

@@ -1,4 +1,4 @@
-"""`launch.py train_reward|train_policy EXPERIMENT NAME [--flags]`: the original's launcher."""
+"""`launch.py train_reward|train_policy|train_dpo EXPERIMENT NAME [--flags]`: the original's launcher."""
 
 import os
 import shlex
@@ -13,15 +13,17 @@ from lm_human_preferences.utils import distributed, save_folders
 from lm_human_preferences.utils.errors import UserError
 
 LAUNCH_HELP = """\
-usage: launch.py {train_reward,train_policy} EXPERIMENT {NAME | --resume latest} [--mpi N] [--save_dir D]
+usage: launch.py {train_reward,train_policy,train_dpo} EXPERIMENT {NAME | --resume latest} [--mpi N] [--save_dir D]
                  [--dry_run] [--<dotted.hparam> VALUE ...]
        launch.py fetch EXPERIMENT|MODEL|URL ... [--from DIR] [--dry_run]   (launch.py fetch --help)
 
-Train a reward model from human labels (train_reward) or fine-tune a policy with PPO
-against one (train_policy), with the hyper-parameters of a named experiment.
+Train a reward model from human labels (train_reward), fine-tune a policy with PPO
+against one (train_policy), or fine-tune it on the labels directly by DPO (train_dpo),
+with the hyper-parameters of a named experiment.
 
 experiments:  train_reward: %(reward)s
               train_policy: %(policy)s
+              train_dpo:    %(dpo)s
 
 options:
   --mpi N               data-parallel ranks on this machine; N must split the hparams' batches (the
@@ -29,7 +31,7 @@ options:
                         the largest count below that fits, with a note; under torchrun, mpirun or
                         Slurm the ranks come from the environment
   --save_dir D          root folder for outputs; they go to D/NAME
-                        (default /tmp/save/train_reward or /tmp/save/train_policy)
+                        (default /tmp/save/MODE, e.g. /tmp/save/train_policy)
   --resume latest       instead of NAME: continue the newest unfinished run of this experiment under
                         the save root that these flags would resume (its ranks too, unless --mpi)
   --dry_run             print the resolved hyper-parameters, then the ranks and their devices, each
@@ -43,7 +45,7 @@ options:
 """
 
 
-USAGE = "usage: launch.py {train_reward,train_policy} EXPERIMENT {NAME | --resume latest} [--flags] (see --help)"
+USAGE = "usage: launch.py {train_reward,train_policy,train_dpo} EXPERIMENT {NAME | --resume latest} [--flags] (see --help)"
 
 
 def check_run_name(name: str) -> None:
@@ -114,7 +116,8 @@ def launch(args: list[str]) -> None:
     if args and args[0] == "fetch":
         return fetch.fetch_command(args[1:])
     if not args or "--help" in args or "-h" in args:
-        print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY)))
+        print(LAUNCH_HELP % dict(reward=", ".join(experiments.TRAIN_REWARD), policy=", ".join(experiments.TRAIN_POLICY),
+                                 dpo=", ".join(experiments.TRAIN_DPO)))
         if not args:
             raise UserError("give a mode, an experiment and a run name")
         return

@@ -5,7 +5,7 @@ import torch
 from lm_human_preferences.cli import options
 from lm_human_preferences.task import lm_tasks
 from lm_human_preferences.task.policy import load_policy
-from lm_human_preferences.training import run, train_policy
+from lm_human_preferences.training import run, train_dpo, train_policy
 from lm_human_preferences.utils import distributed, save_folders, storage
 from lm_human_preferences.utils.errors import UserError
 
@@ -13,8 +13,8 @@ SAMPLE_HELP = """\
 usage: sample.py sample --save_dir D [--savescope policy] [--mpi N] [--temperature T] [--seed S]
                         [--batch_size B] [--nsamples N]
 
-Sample from a policy trained by train_policy. D is its save folder (a path, https:// or
-gs:// URL) holding train_policy_hparams.json and SAVESCOPE/. Queries come from the task's
+Sample from a policy trained by train_policy (or train_dpo). D is its save folder (a path,
+https:// or gs:// URL) holding train_policy_hparams.json (train_dpo_hparams.json) and SAVESCOPE/. Queries come from the task's
 test split. Each sample prints a line of 80 '=', the query, then the untruncated response
 (newlines as ⏎), as the original did.
 
@@ -30,8 +30,11 @@ options:
 
 def _sample_rank(save_dir: str, savescope: str, temperature: float, seed: int | None, batch_size: int,
                  nsamples: int) -> None:
-    hp_path = storage.join(save_dir, save_folders.POLICY_HPARAMS)
-    hp = train_policy.HParams.from_json(storage.fetch(hp_path).read_text())
+    dpo_path = storage.join(save_dir, save_folders.DPO_HPARAMS)
+    if not storage.is_remote(save_dir) and storage.exists(dpo_path):
+        hp = train_dpo.HParams.from_json(storage.fetch(dpo_path).read_text())
+    else:
+        hp = train_policy.HParams.from_json(storage.fetch(storage.join(save_dir, save_folders.POLICY_HPARAMS)).read_text())
     hp.task.policy.temperature = temperature
     device = distributed.device()
     policy = load_policy(storage.join(save_dir, savescope), hp.task, device)

@@ -28,9 +28,9 @@ Scalars = dict[str, dict[int, float]]  # tag -> step -> value
 Series = tuple[str, list[float], list[float]]  # legend label, x, y
 
 REPORT_FILE, PLOT_DIR = save_folders.REPORT, save_folders.REPORT_PLOTS
-HPARAMS_FILES = (save_folders.REWARD_HPARAMS, save_folders.POLICY_HPARAMS)
-RUN_FILES = (*HPARAMS_FILES, save_folders.REWARD_SUMMARY, save_folders.MOCK_SUMMARY, save_folders.SAMPLES,
-             save_folders.TENSORBOARD)
+HPARAMS_FILES = (save_folders.REWARD_HPARAMS, save_folders.POLICY_HPARAMS, save_folders.DPO_HPARAMS)
+RUN_FILES = (*HPARAMS_FILES, save_folders.REWARD_SUMMARY, save_folders.DPO_SUMMARY, save_folders.MOCK_SUMMARY,
+             save_folders.SAMPLES, save_folders.TENSORBOARD)
 FIGSIZE, DPI = (6, 3.2), 90
 NORM_COLUMNS = ["mean_before", "std_before", "target_mean", "target_std", "gain", "bias", "mean_after", "std_after"]
 
@@ -268,10 +268,24 @@ def ppo_section(page: Page, scalars: Scalars, policy_hparams: Any, notes: list[s
     return f'<h2>PPO</h2><div class="plots">{"".join(images)}</div>{last_values(scalars)}{notes_html(notes)}'
 
 
+def dpo_section(page: Page, summary: Any, scalars: Scalars, notes: list[str]) -> str:
+    """A DPO run's curves (loss, accuracy, implicit rewards and margin by batch) and held-out metrics."""
+    images = [plot(page, tag.replace("/", "_"), tag, "batch", [(tag, *series(scalars, tag))])
+              for tag in sorted(scalars) if tag.startswith("dpo/")]
+    parts = ["<h2>DPO</h2>", f'<div class="plots">{"".join(images)}</div>']
+    heldout = heldout_metrics(summary if isinstance(summary, dict) else {}, scalars)
+    if heldout:
+        parts += ["<h3>Held-out labels (the implicit reward)</h3>", table(list(heldout), [list(heldout.values())])]
+    if scalars:
+        parts.append(last_values(scalars))
+    return "".join(parts) + notes_html(notes)
+
+
 def seeds(hparams: dict[str, Any]) -> list[tuple[str, Any]]:
     """(which, seed) for each run found; the reward model's own seed inside train_policy's hparams counts too."""
     found = [(what, dig(hparams.get(name), "run", "seed"))
-             for name, what in ((save_folders.REWARD_HPARAMS, "reward model"), (save_folders.POLICY_HPARAMS, "policy"))
+             for name, what in ((save_folders.REWARD_HPARAMS, "reward model"), (save_folders.POLICY_HPARAMS, "policy"),
+                                (save_folders.DPO_HPARAMS, "DPO policy"))
              if name in hparams]
     nested = dig(hparams.get(save_folders.POLICY_HPARAMS), "rewards", "train_new_model")
     if save_folders.REWARD_HPARAMS not in hparams and isinstance(nested, dict):
@@ -380,10 +394,16 @@ def render(folder: Path, page: Page) -> str:
     ppo_tb = read_scalars(logs / save_folders.PPO_LOG, ppo_notes, "the run may have stopped before its first update, "
                           "or it only trained a reward model")
     mock = read_json(folder / save_folders.MOCK_SUMMARY, mock_notes, "only offline demo runs on mock labels have one")
+    training = [safely("Reward model", lambda: reward_section(page, reward_summary, reward_tb, reward_notes)),
+                safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(save_folders.POLICY_HPARAMS), ppo_notes))]
+    if save_folders.DPO_HPARAMS in hparams:  # a DPO run trains no reward model and runs no PPO
+        dpo_notes: list[str] = []
+        dpo_summary = read_json(folder / save_folders.DPO_SUMMARY, dpo_notes, "DPO training did not finish")
+        dpo_tb = read_scalars(logs / save_folders.DPO_LOG, dpo_notes, "the run stopped before its first batch")
+        training = [safely("DPO", lambda: dpo_section(page, dpo_summary, dpo_tb, dpo_notes))]
     sections = [
         safely("Summary", lambda: headline(mock, reward_summary, ppo_tb, seeds(hparams)) + notes_html(mock_notes)),
-        safely("Reward model", lambda: reward_section(page, reward_summary, reward_tb, reward_notes)),
-        safely("PPO", lambda: ppo_section(page, ppo_tb, hparams.get(save_folders.POLICY_HPARAMS), ppo_notes)),
+        *training,
         safely("Samples", lambda: samples_section(mock, folder / save_folders.SAMPLES, sample_notes)),
         safely("Hyperparameters", lambda: hparams_section(hparams, hparams_notes)),
     ]

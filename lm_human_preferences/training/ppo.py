@@ -37,6 +37,13 @@ class PpoHParams(hyperparams.HParams):
     gamma: float = 1.0  # discount over response tokens
     lam: float = 0.95  # GAE's λ
     whiten_rewards: bool = True  # scale per-token rewards to unit variance (mean kept) before GAE
+    # RLOO (Ahmadian et al. 2024, "Back to Basics") in place of GAE and the value head: rloo_k
+    # responses a query; a response's advantage is its total reward (step 3's, KL penalty included)
+    # less the mean total of the other rloo_k − 1 responses to its query (`rloo_advantages`), and
+    # the loss is the clipped policy loss alone (`rloo_loss`). No value head, so vf_coef,
+    # cliprange_value, gamma, lam and whiten_rewards do not apply. With noptepochs 1 and
+    # nminibatches 1 the update is the paper's REINFORCE step. None: PPO, as the original.
+    rloo_k: Optional[int] = None
 
     def validate(self, _prefix: str = "") -> None:
         super().validate(_prefix)
@@ -56,6 +63,9 @@ class PpoHParams(hyperparams.HParams):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise UserError(f"{_prefix}{name} must be between 0 and 1, got {value}")
+        if self.rloo_k is not None and self.rloo_k < 2:
+            raise UserError(f"{_prefix}rloo_k must be at least 2 (a leave-one-out baseline needs another "
+                            f"response to the query), got {self.rloo_k}; or none for PPO")
 
 
 @dataclass
@@ -114,14 +124,15 @@ class Rollouts:
     postprocessed: torch.Tensor  # the responses truncated after the truncate token (what was scored)
     logprobs: torch.Tensor  # the policy's log-probs of the response tokens when they were sampled
     ref_logprobs: torch.Tensor  # the reference (initial) policy's
-    values: torch.Tensor  # the value head's predictions, float32
+    values: torch.Tensor | None  # the value head's predictions, float32 (None under RLOO: no value head)
     scores: torch.Tensor  # [batch] the reward model's (or the penalty)
     rewards: torch.Tensor  # per-token rewards (compute_rewards)
     non_score_reward: torch.Tensor  # their KL part
 
     def __getitem__(self, index: torch.Tensor) -> "Rollouts":
         """The rollouts at `index` (a minibatch)."""
-        return Rollouts(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Rollouts(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                           for f in fields(self)})
 
 
 def score(task: lm_tasks.TaskHParams, reward_fn: RewardFn, padding_token: int, queries: torch.Tensor,
@@ -178,20 +189,45 @@ def ppo_loss(old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: t
     vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
     vf_clipfrac = (vf_losses2 > vf_losses1).float().mean()
 
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - ppo.cliprange, 1.0 + ppo.cliprange)
-    pg_loss = torch.max(pg_losses, pg_losses2).mean()
-    pg_clipfrac = (pg_losses2 > pg_losses).float().mean()
+    pg_loss, pg_stats = policy_loss(old_logprobs, advantages, logprobs, entropies, ppo.cliprange)
 
     loss = pg_loss + ppo.vf_coef * vf_loss
     stats = {
-        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
-        "ppo/policy/entropy": entropies.mean(), "ppo/policy/approxkl": 0.5 * (logratio ** 2).mean(),
-        "ppo/policy/clipfrac": pg_clipfrac,
+        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss, **pg_stats,
         "ppo/val/vpred": vpred.mean(), "ppo/val/error": ((vpred - returns) ** 2).mean(), "ppo/val/clipfrac": vf_clipfrac,
     }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def policy_loss(old_logprobs: torch.Tensor, advantages: torch.Tensor, logprobs: torch.Tensor, entropies: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate max(−A·ratio, −A·clip(ratio, 1 ± cliprange)), a mean over elements; and
+    the policy's stats (entropy, approximate KL to the sampling policy, clip fraction)."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = torch.max(pg_losses, pg_losses2).mean()
+    pg_clipfrac = (pg_losses2 > pg_losses).float().mean()
+    return pg_loss, {"ppo/policy/entropy": entropies.mean(), "ppo/policy/approxkl": 0.5 * (logratio ** 2).mean(),
+                     "ppo/policy/clipfrac": pg_clipfrac}
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """[batch] RLOO advantages of responses whose rows come k to a query, in turn: a response's total
+    reward (its per-token rewards summed: the score less the KL penalty) less the mean total of the
+    other k − 1 responses to its query."""
+    totals = rewards.sum(dim=1).view(-1, k)
+    baseline = (totals.sum(dim=1, keepdim=True) - totals) / (k - 1)
+    return (totals - baseline).flatten()
+
+
+def rloo_loss(old_logprobs: torch.Tensor, advantages: torch.Tensor, logprobs: torch.Tensor, entropies: torch.Tensor,
+              ppo: PpoHParams) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`policy_loss` with each response's RLOO advantage [batch] at every one of its tokens; no value loss."""
+    loss, stats = policy_loss(old_logprobs, advantages.unsqueeze(1).expand_as(logprobs), logprobs, entropies,
+                              ppo.cliprange)
+    stats = {"ppo/loss/policy": loss, "ppo/loss/total": loss, **stats}
     return loss, {k: v.detach() for k, v in stats.items()}
 
 

@@ -68,7 +68,10 @@ class HParams(hyperparams.HParams):
             raise UserError(f"ppo.batch_size={ppo.batch_size} must be divisible by ranks ({world}) × "
                             f"ppo.nminibatches ({ppo.nminibatches}); change one of them (ranks: --mpi)")
         minibatch = ppo.batch_size // (world * ppo.nminibatches)
-        if ppo.whiten_rewards and minibatch < 8:
+        if ppo.rloo_k is not None and ppo.batch_size // world % ppo.rloo_k:
+            raise UserError(f"ppo.batch_size={ppo.batch_size} must give each rank ({world}) whole groups of "
+                            f"ppo.rloo_k={ppo.rloo_k} responses to a query; change one of them (ranks: --mpi)")
+        if ppo.whiten_rewards and minibatch < 8 and ppo.rloo_k is None:
             raise UserError(f"each rank's minibatch has {minibatch} samples; whitening needs at least 8 "
                             "(raise ppo.batch_size, lower ppo.nminibatches or ranks, or set ppo.whiten_rewards off)")
         if self.rewards.online is not None:
@@ -81,7 +84,8 @@ class HParams(hyperparams.HParams):
 
 class PPOTrainer:
     """`rollouts()` samples, scores and rewards a batch; `learn(rollouts)` runs noptepochs of PPO
-    on it; `step()` is one update, both in turn."""
+    on it; `step()` is one update, both in turn. With `ppo.rloo_k` K, a batch holds K responses
+    to each of batch_size / K queries, and the advantages are RLOO's (ppo.py)."""
 
     def __init__(self, policy: Policy, ref_policy: Policy, reward_fn: RewardFn, hp: HParams, seed: int):
         self.policy = policy
@@ -92,8 +96,8 @@ class PPOTrainer:
         self.batch_size = core.exact_div(hp.ppo.batch_size, self.world)  # this rank's rollouts per update
         self.minibatch_size = core.exact_div(self.batch_size, hp.ppo.nminibatches)
         self.generator = rank_generator(seed, policy.device)
-        self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size, rank=self.rank,
-                                              world=self.world, device=policy.device)
+        self.queries = lm_tasks.query_batches(hp.task, policy.encoding, self.batch_size // (hp.ppo.rloo_k or 1),
+                                              rank=self.rank, world=self.world, device=policy.device)
         self.kl_ctl = ppo.kl_controller(hp.rewards.kl_coef, hp.rewards.adaptive_kl)
         self.params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = TFAdam(self.params, lr=hp.ppo.lr, eps=1e-5)
@@ -131,6 +135,8 @@ class PPOTrainer:
         chunk = self.hp.run.chunk_size
         queries = next(self.queries)
         self.query_batches += 1
+        if self.hp.ppo.rloo_k is not None:
+            queries = queries.repeat_interleave(self.hp.ppo.rloo_k, dim=0)
         sampled = self.policy.respond(queries, self.hp.task.response_length, self.generator, chunk)
         responses = sampled["responses"]
         ref_logprobs = core.map_chunks(lambda q, r: self.ref_policy.analyze_responses(q, r, entropies=False), chunk,
@@ -138,21 +144,31 @@ class PPOTrainer:
         scores, postprocessed = self.score(queries, responses)
         rewards, non_score_reward = ppo.compute_rewards(scores, sampled["logprobs"], ref_logprobs, self.kl_ctl.value)
         return Rollouts(queries=queries, responses=responses, postprocessed=postprocessed,
-                        logprobs=sampled["logprobs"], ref_logprobs=ref_logprobs, values=sampled["values"].float(),
+                        logprobs=sampled["logprobs"], ref_logprobs=ref_logprobs,
+                        values=None if sampled["values"] is None else sampled["values"].float(),
                         scores=scores, rewards=rewards, non_score_reward=non_score_reward)
 
-    def train_minibatch(self, mb: Rollouts) -> dict[str, torch.Tensor]:
-        """Gradient step on one minibatch, accumulated over micro-batches of ≤ chunk_size rows (steps 4–5)."""
+    def train_minibatch(self, mb: Rollouts, rloo_advantages: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Gradient step on one minibatch, accumulated over micro-batches of ≤ chunk_size rows (steps 4–5);
+        under RLOO with the minibatch's advantages (computed on the whole batch) and no value loss."""
         hp = self.hp.ppo
-        with torch.no_grad():
-            advantages, returns = ppo.advantages_and_returns(mb.rewards, mb.values, hp.gamma, hp.lam, hp.whiten_rewards)
+        if rloo_advantages is None:
+            with torch.no_grad():
+                advantages, returns = ppo.advantages_and_returns(mb.rewards, mb.values, hp.gamma, hp.lam,
+                                                                 hp.whiten_rewards)
+        else:
+            advantages, returns = rloo_advantages, None
         rows = len(advantages)
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, torch.Tensor] = {}
         for part in core.row_slices(rows, self.hp.run.chunk_size):
             out = self.policy.analyze_responses(mb.queries[part], mb.responses[part])
-            loss, chunk_stats = ppo.ppo_loss(mb.logprobs[part], mb.values[part], advantages[part], returns[part],
-                                             out["logprobs"], out["values"].float(), out["entropies"], hp)
+            if returns is None:
+                loss, chunk_stats = ppo.rloo_loss(mb.logprobs[part], advantages[part], out["logprobs"],
+                                                  out["entropies"], hp)
+            else:
+                loss, chunk_stats = ppo.ppo_loss(mb.logprobs[part], mb.values[part], advantages[part], returns[part],
+                                                 out["logprobs"], out["values"].float(), out["entropies"], hp)
             weight = len(advantages[part]) / rows
             (loss * weight).backward()
             for k, v in chunk_stats.items():
@@ -160,26 +176,29 @@ class PPOTrainer:
         distributed.average_gradients(self.params)
         core.check_finite(f"PPO update {self.update}", loss=stats["ppo/loss/total"], gradients=core.grad_norm(self.params))
         self.optimizer.step()
-        stats.update(ppo.minibatch_stats(returns, mb.values))
+        if returns is not None:
+            stats.update(ppo.minibatch_stats(returns, mb.values))
         return stats
 
     def learn(self, rollouts: Rollouts) -> dict[str, float]:
         """noptepochs passes over shuffled minibatches of `rollouts`; then the update's stats
         (averaged over ranks) and the KL controller's step (step 6)."""
         hp = self.hp
+        rloo = None if hp.ppo.rloo_k is None else ppo.rloo_advantages(rollouts.rewards, hp.ppo.rloo_k)
         ppo_stats: list[dict[str, torch.Tensor]] = []
         for _ in range(hp.ppo.noptepochs):
             order = torch.randperm(self.batch_size, generator=self.generator, device=self.generator.device)
             for start in range(0, self.batch_size, self.minibatch_size):
                 index = order[start:start + self.minibatch_size].to(self.policy.device)
-                ppo_stats.append(self.train_minibatch(rollouts[index]))
+                ppo_stats.append(self.train_minibatch(rollouts[index], None if rloo is None else rloo[index]))
         # The gradients are spent: free them before the next rollouts, whose sampling packs a
         # float32 policy's matrices (language/packed.py) — as much memory again as the weights.
         self.optimizer.zero_grad(set_to_none=True)
         local = ppo.rollout_stats(rollouts)
         local.update({k: torch.stack([s[k] for s in ppo_stats]).mean() for k in ppo_stats[0]})
         stats = distributed.mean_stats(local)
-        stats["ppo/val/var_explained"] = ppo.var_explained(stats)
+        if rloo is None:
+            stats["ppo/val/var_explained"] = ppo.var_explained(stats)
         stats["objective/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(stats["objective/kl"], hp.ppo.batch_size)
         return stats
@@ -320,14 +339,15 @@ class PolicyRun:
     hp: HParams
     resolved: Resolved
     state: resume.State | None  # where a stopped run resumes PPO, if it does
-    policy: Policy  # the one PPO trains (with a value head)
+    policy: Policy  # the one PPO trains (with a value head, but for RLOO)
     ref_policy: Policy  # the initial policy, frozen: the KL penalty's reference
 
 
-def load_policies(hp: HParams, device: torch.device) -> tuple[Policy, Policy]:
-    """(policy with a value head, frozen reference policy), equal on every rank."""
-    policy = load_policy(hp.task.policy.initial_model, hp.task, device, heads=("value",))
-    ref_policy = load_policy(hp.task.policy.initial_model, hp.task, device)
+def load_policies(task: lm_tasks.TaskHParams, device: torch.device,
+                  heads: tuple[str, ...] = ("value",)) -> tuple[Policy, Policy]:
+    """(the initial policy to train, with `heads`; the frozen reference policy), equal on every rank."""
+    policy = load_policy(task.policy.initial_model, task, device, heads=heads)
+    ref_policy = load_policy(task.policy.initial_model, task, device)
     distributed.broadcast_module(policy.model)
     distributed.broadcast_module(ref_policy.model)
     ref_policy.model.requires_grad_(False)
@@ -343,7 +363,8 @@ def start_policy_run(hp: HParams) -> PolicyRun:
     labels_hp = hp.rewards.train_new_model if hp.rewards.online is None else None
     resolved = start_run(hp, save_folders.POLICY_HPARAMS, labels_hp=labels_hp)
     state = resume.unfinished_state(resolved.save_dir, save_folders.POLICY, "a policy run")
-    return PolicyRun(hp, resolved, state, *load_policies(hp, resolved.device))
+    heads = ("value",) if hp.ppo.rloo_k is None else ()  # RLOO has no critic
+    return PolicyRun(hp, resolved, state, *load_policies(hp.task, resolved.device, heads))
 
 
 def resume_trainer(run: PolicyRun, trainer: PPOTrainer) -> None:

@@ -131,13 +131,8 @@ class RewardModelTrainer:
 
     def rewards_of(self, batch: label_files.Labels) -> torch.Tensor:
         """Rewards [batch, num_responses] for every response of every record, in one forward."""
-        device = self.reward_model.device
-        keys = self.label_type.response_keys
-        queries = torch.as_tensor(batch.columns["query"], device=device).long()
-        responses = torch.stack([torch.as_tensor(batch.columns[k], device=device).long() for k in keys], dim=1)
-        n, r = len(queries), len(keys)
-        rewards = self.reward_model(queries.repeat_interleave(r, dim=0), responses.reshape(n * r, -1))
-        return rewards.view(n, r)
+        queries, responses = record_rows(batch, self.label_type, self.reward_model.device)
+        return self.reward_model(queries, responses).view(len(batch), -1)
 
     def train(self, train_labels: label_files.Labels, seed: int, scalar_log: logging.ScalarLog,
               checkpoint: Callable[[], None]) -> dict[str, float]:
@@ -250,6 +245,16 @@ class RewardModelTrainer:
             batch = shard[part]
             sums += self.label_type.metric_sums(self.rewards_of(batch).double(), self.labels_of(batch))
         return self.label_type.metrics(distributed.all_reduce_sum(sums).tolist())
+
+
+def record_rows(batch: label_files.Labels, label_type: label_types.LabelType,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries, responses) [records · N, length]: every response of every record, record by record,
+    each beside its query (the rows of one batched forward)."""
+    keys = label_type.response_keys
+    queries = torch.as_tensor(batch.columns["query"], device=device).long()
+    responses = torch.stack([torch.as_tensor(batch.columns[k], device=device).long() for k in keys], dim=1)
+    return queries.repeat_interleave(len(keys), dim=0), responses.reshape(len(queries) * len(keys), -1)
 
 
 def target_moments(label_type: label_types.LabelType, train_labels: label_files.Labels) -> tuple[float, float]:
