@@ -148,12 +148,17 @@ def plan(mode: str, hp, count: int, valid: list[int]) -> list[str]:
     lines = [f"ranks:       {ranks}", f"precision:   {precision}"]
     if mode == "train_reward":
         lines.append(f"reward model: {_reward_batches(hp, count, '')}")
+    elif mode == "train_dpo":
+        lines.append(f"DPO:         {hp.labels.num_train} labels × {hp.epochs} epoch(s) in batches of {hp.batch_size} "
+                     f"= {hp.batch_size // count} a rank ({hp.labels.type}, loss {hp.loss}), {hp.total_steps} steps")
     else:
         if hp.rewards.train_new_model is not None:
             reward = _reward_batches(hp.rewards.train_new_model, count, "rewards.train_new_model.")
             lines.append(f"reward model: {reward}")
         lines.append(f"PPO:         {_ppo_batches(hp, count)}")
-    if shape is None:
+    if mode == "train_dpo":
+        lines.append("memory, time: not estimated for train_dpo (training/estimate.py models the reward model and PPO)")
+    elif shape is None:
         lines.append(f"memory, time: not estimated: the shape of {hp.task.policy.initial_model} is known only once it "
                      "is downloaded")
     else:

@@ -67,9 +67,10 @@ def _in_use(folder: Path) -> bool:
 
 
 def saved_run(folder: Path, mode: str) -> SavedRun | None:
-    """What `folder` holds of a `mode` run (train_reward / train_policy), or None when no such run started there."""
-    files = [save_folders.REWARD_HPARAMS] if mode == "train_reward" else \
-        [save_folders.POLICY_HPARAMS, save_folders.REWARD_HPARAMS]
+    """What `folder` holds of a `mode` run (train_reward / train_policy / train_dpo), or None when no such run
+    started there."""
+    files = {"train_reward": [save_folders.REWARD_HPARAMS], "train_dpo": [save_folders.DPO_HPARAMS]}.get(
+        mode, [save_folders.POLICY_HPARAMS, save_folders.REWARD_HPARAMS])
     found = next((name for name in files if (folder / name).is_file()), None)
     if found is None:
         return None
@@ -79,11 +80,12 @@ def saved_run(folder: Path, mode: str) -> SavedRun | None:
         return None
     # the phase under way: PPO once the policy's hparams are saved, else (train_reward, or a
     # train_policy run still training its reward model) the reward model's
-    phase = save_folders.POLICY if found == save_folders.POLICY_HPARAMS else save_folders.REWARD_MODEL
+    phase = save_folders.POLICY if found in (save_folders.POLICY_HPARAMS, save_folders.DPO_HPARAMS) \
+        else save_folders.REWARD_MODEL
     state = _state(folder, phase)
     record = state[0] if state else None
     written = max((folder / found).stat().st_mtime, state[1] if state else 0.0)
-    finished = record is not None and record["finished"] and (mode == "train_reward" or phase == save_folders.POLICY)
+    finished = record is not None and record["finished"] and (mode != "train_policy" or phase == save_folders.POLICY)
     return SavedRun(folder, found, hparams, phase, record["step"] if record else 0, finished,
                     record.get("world") if record else None, _in_use(folder), written)
 
