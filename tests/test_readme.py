@@ -61,6 +61,8 @@ def argv_of(block: str) -> list[list[str]]:
     script = ["record() { for a in \"$@\"; do printf '%s\\0' \"$a\"; done; printf '\\n\\0'; }"]
     for line in block.splitlines():
         first = line.split()[0]
+        if first == "#":
+            continue
         if first in PROGRAMS:
             script.append("record " + line)
         elif not re.fullmatch(r"[a-z_]+=(\S+|\S*\$\(date [^)]*\))", line):
