@@ -3,7 +3,7 @@
 
     python bench/labels_round_trip.py --dir /tmp/rt      # mock_descriptiveness, the demo's 2,560 labels
 
-Each step is a command of the README, run in a fresh process and skipped when its output is
+Each step is a command of docs/interchange.md, run in a fresh process and skipped when its output is
 already in --dir (so an interrupted run goes on):
   1. ./label.py E --out DIR/labels.json --n 2560 --seed 0            (the demo's labels: 2,048 train + 512 held out)
   2. ./launch.py train_reward E rt4 --save_dir DIR --labels.source DIR/labels.json   (best_of_4)
