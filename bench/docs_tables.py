@@ -130,11 +130,13 @@ def online(records: list[dict]) -> str:
 def label_app(records: list[dict]) -> str:
     """The labeling app under load (bench/label_app_load.py): per answer, against the answers already in the queue."""
     def ms(value: float | None) -> str:
-        return "–" if value is None else (f"{value / 1000:.1f} s" if value >= 1000 else f"{value:.1f} ms")
+        if value is None:
+            return "–"
+        return f"{value / 1000:.1f} s" if value >= 1000 else f"{value:.{1 if value < 10 else 0}f} ms"
 
     blocks = []
     for record in records:
-        rows = [[f"{r['k']:,}", ms(r["p50"]), ms(r.get("p99")), f"{r['rate']:.1f}"] for r in record["results"]["runs"]]
+        rows = [[f"{r['k']:,}", ms(r["p50"]), ms(r.get("p99")), f"{r['rate']:.{1 if r['rate'] < 100 else 0}f}"] for r in record["results"]["runs"]]
         blocks.append(source(record) + "\n\n" + markdown(
             ["K answered before", "median per answer", "p99 per answer", "answers/s"], rows))
     return "\n\n".join(blocks)
