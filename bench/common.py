@@ -1,13 +1,20 @@
-"""What the speed benchmarks share: models with random weights, PPO trainers with the speed
-options on or off, the optimizer as it was before the fused one, timers and a table printer.
+"""What the benchmarks share: models with random weights, PPO trainers with the speed options on
+or off, the optimizer as it was before the fused one, timers, a table printer, and the results
+file every bench writes with `--out FILE` — its figures beside the machine, torch version,
+commit, date and thread count that produced them (`provenance()`), the records the docs' tables
+are generated from (`python bench/docs_tables.py`).
 
 Every benchmark alternates its variants (A B A B …) after one warm-up round of each and reports
 medians, so a machine shared with other jobs slows every variant alike and the ratios hold.
 """
 
+import datetime
+import json
 import math
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +30,9 @@ from lm_human_preferences.language import encodings, model as lm  # noqa: E402
 from lm_human_preferences.task.policy import Policy  # noqa: E402
 from lm_human_preferences.task.rewards import RewardModel  # noqa: E402
 from lm_human_preferences.utils import distributed  # noqa: E402
+from lm_human_preferences.utils.storage import atomic_write_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
     "124M": lm.HParams(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
@@ -181,3 +191,60 @@ def table(rows: list[list[str]]) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (e.g. "AMD EPYC 7B13"), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+        if name:
+            return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> dict:
+    """What ran the figures: the GPU(s) when CUDA is available, else the CPU with its vector
+    capability and whether it multiplies bf16 natively (which decides `run.precision auto`)."""
+    cpu = dict(cpu=cpu_model(), cores=os.cpu_count(), capability=torch.backends.cpu.get_cpu_capability(),
+               native_bf16=distributed.cpu_has_native_bf16())
+    if torch.cuda.is_available():
+        return dict(kind="cuda", gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
+                    cuda=torch.version.cuda, **cpu)
+    return dict(kind="cpu", **cpu)
+
+
+def commit() -> str:
+    """The tree's commit (12 hex digits), "+changes" when tracked files differ from it; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    """Where a measurement comes from: machine, torch version, commit, UTC date and torch's CPU threads."""
+    return dict(machine=machine(), torch=torch.__version__, python=platform.python_version(), commit=commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                threads=torch.get_num_threads())
+
+
+def add_out_arg(parser) -> None:
+    parser.add_argument("--out", type=Path, help="also write the results with their provenance (machine, torch, "
+                                                 "commit, date, threads) to this JSON file; the docs' tables are "
+                                                 "made from bench/results/*.json by bench/docs_tables.py")
+
+
+def write_results(out: Path | None, bench: str, results: dict) -> None:
+    """Write `results` as one record {bench, command, provenance, results} to `out` (atomically), if given."""
+    if out is None:
+        return
+    command = "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    record = dict(bench=bench, command=command, provenance=provenance(), results=results)
+    atomic_write_text(Path(out), json.dumps(record, indent=1) + "\n")
+    print(f"results written to {out}", flush=True)

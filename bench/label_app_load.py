@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--answers", type=int, default=2000, help="answers measured per K (a bound)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time measured per K (a bound)")
     parser.add_argument("--think-ms", type=float, default=0.0, help="mean pause of a labeler between answers")
+    parser.add_argument("--out", type=Path, help="also write the results with their provenance to this JSON file "
+                                                 "(bench/common.py: write_results)")
     args = parser.parse_args()
     import lm_human_preferences
 
@@ -180,10 +182,17 @@ def main() -> None:
           f"{args.think_ms:g} ms; query {QUERY_TOKENS} tokens, {RESPONSES} responses of {RESPONSE_TOKENS}", flush=True)
     print("| K answered before | answers | failed | p50 ms | p99 ms | answers/s | open s | close s | reopen s |\n"
           "|---|---|---|---|---|---|---|---|---|", flush=True)
+    results = []
     for k in args.k:
         r = run(k, args)
+        results.append(r)
         print(f"| {r['k']:,} | {r['answers']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rate']:.1f} | "
               f"{r['open']:.1f} | {r['close']:.1f} | {r['reopen']:.1f} |", flush=True)
+    if args.out:  # imported here: bench/common imports this tree's package, which PYTHONPATH may not measure
+        import common
+        common.write_results(args.out, "label_app_load", dict(labelers=args.labelers, think_ms=args.think_ms,
+                                                              code=str(Path(lm_human_preferences.__file__).parent),
+                                                              runs=results))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
     python bench/labels_round_trip.py --dir /tmp/rt      # mock_descriptiveness, the demo's 2,560 labels
 
-Each step is a command of the README, run in a fresh process and skipped when its output is
+Each step is a command of docs/interchange.md, run in a fresh process and skipped when its output is
 already in --dir (so an interrupted run goes on):
   1. ./label.py E --out DIR/labels.json --n 2560 --seed 0            (the demo's labels: 2,048 train + 512 held out)
   2. ./launch.py train_reward E rt4 --save_dir DIR --labels.source DIR/labels.json   (best_of_4)
@@ -35,6 +35,8 @@ from lm_human_preferences.language import encodings, trained_models
 from lm_human_preferences.task import rewards
 
 ROOT = Path(__file__).resolve().parent.parent
+
+import common  # noqa: E402  (bench/)
 
 
 def step(output: Path, command: list[str]) -> None:
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2560, help="labelled questions")
     parser.add_argument("--num_train", type=int, default=2048, help="training questions; the rest are held out")
     parser.add_argument("--seed", type=int, default=0, help="the labels' seed")
+    common.add_out_arg(parser)
     args = parser.parse_args()
     d, e = args.dir.resolve(), args.experiment
     d.mkdir(parents=True, exist_ok=True)
@@ -139,6 +142,7 @@ def main() -> None:
           "(text that its encoding reads differently, such as a word sampled glued to the one before)")
     print(f"{'reward model':<34}{'steps':>6}{'saved held-out acc.':>22}{f'best-of-{n} acc.':>16}{'pairwise acc.':>15}")
     best = heldout.columns["best"]
+    models = []
     for name, title in runs.items():
         saved = json.loads((d / name / "train_reward_summary.json").read_text())
         hp = json.loads((d / name / "train_reward_hparams.json").read_text())
@@ -146,6 +150,12 @@ def main() -> None:
         steps = hp["labels"]["num_train"] // hp["batch_size"]
         print(f"{title:<34}{steps:>6}{saved['heldout']['accuracy']:>14.3f} ({saved['heldout']['count']:>4})"
               f"{of_n:>16.3f}{pairwise:>15.3f}")
+        models.append(dict(model=title, updates=steps, saved_heldout_accuracy=saved["heldout"]["accuracy"],
+                           saved_heldout_count=saved["heldout"]["count"], best_of_n_accuracy=of_n,
+                           pairwise_accuracy=pairwise))
+    common.write_results(args.out, "labels_round_trip", dict(
+        experiment=e, n=args.n, num_train=args.num_train, seed=args.seed, training_questions=len(train),
+        heldout_questions=len(heldout), pairs=len(pairs), changed_pairs=changed, models=models))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: E402  (bench/)
+
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = [("accuracy", "reward_model_heldout_accuracy"), ("win rate", "win_rate"),
            ("score before", "true_score_before"), ("score after", "true_score_after"), ("final KL", "final_kl"),
@@ -39,7 +41,7 @@ def run_once(experiment: str, seed: int, save_root: Path, flags: list[str]) -> d
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((save_root / name / "mock_summary.json").read_text())
-    summary["wall_time"] = wall
+    summary["wall_time"], summary["seed"] = wall, seed
     return summary
 
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", default=["mock_descriptiveness", "mock_sentiment"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--plot", type=Path, help="save the first run's PPO curves (a PNG from its report) here")
+    common.add_out_arg(parser)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="extra launch.py flags for every run")
     args = parser.parse_args()
     save_root = Path(tempfile.mkdtemp(prefix="lmhp-bench-"))
@@ -75,6 +78,7 @@ def main() -> None:
             shutil.copyfile(first / "report" / "ppo_score.png", args.plot)
         print()
         print(table(results))
+        common.write_results(args.out, "mock_demo", dict(flags=args.flags, runs=results))
     finally:
         shutil.rmtree(save_root, ignore_errors=True)
 

@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--response_length", type=int, default=24)
     parser.add_argument("--chunk_size", type=int, default=RunHParams().chunk_size)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", help="also write the measurements to this file")
+    common.add_out_arg(parser)
     parser.add_argument("--child", choices=["ppo", "reward"], help=argparse.SUPPRESS)
     parser.add_argument("--child_checkpointing", choices=["off", "on"], help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=GPT2, help=argparse.SUPPRESS)
@@ -214,9 +214,10 @@ def main() -> None:
     started = time.time()
     results = [measure(args, size, phase, ckpt) for size in args.sizes for phase in args.phases
                for ckpt in args.checkpointing]
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
     print_table(args, results, time.time() - started)
+    common.write_results(args.out, "model_sizes", dict(
+        batch_size=args.batch_size, records=args.records, query_length=args.query_length,
+        response_length=args.response_length, chunk_size=args.chunk_size, runs=results))
 
 
 def print_table(args, results: list[dict], total_s: float) -> None:

@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 from lm_human_preferences.labeling import collect, label_types  # noqa: E402
 from lm_human_preferences.task import rewards  # noqa: E402
 from lm_human_preferences.training import online, train_policy  # noqa: E402
+
+import common  # noqa: E402  (bench/)
 from lm_human_preferences.utils import save_folders  # noqa: E402
 from lm_human_preferences.task.policy import load_policy  # noqa: E402
 
@@ -88,7 +90,7 @@ def measure(run_dir: Path, n_labels: int, seed: int) -> dict:
     measured = run_dir / f"final_policy_accuracy-{n_labels}"
     if not measured.exists():
         measured.write_text(str(final_policy_accuracy(run_dir, summary["labeler"], n_labels, EVAL_SEED + seed)))
-    summary["final_policy_accuracy"] = float(measured.read_text())
+    summary["final_policy_accuracy"], summary["seed"] = float(measured.read_text()), seed
     return summary
 
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=256, help="fresh labels of the final policy's samples per run")
     parser.add_argument("--keep", type=Path, help="keep the runs' save folders here (default: a temporary folder); "
                         "runs that finished there before are measured, not run again")
+    common.add_out_arg(parser)
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="extra launch.py flags for every run")
     args = parser.parse_args()
     save_root = args.keep or Path(tempfile.mkdtemp(prefix="lmhp-online-bench-"))
@@ -123,6 +126,8 @@ def main() -> None:
                       f"KL {summary['final_kl']:.2f}, {summary['wall_time']:.0f} s", flush=True)
         print(f"\n{args.experiment}, seeds {' '.join(map(str, args.seeds))}, flags {' '.join(args.flags) or '-'}")
         print(table(results))
+        common.write_results(args.out, "online_vs_offline", dict(experiment=args.experiment, flags=args.flags,
+                                                                 runs=results))
     finally:
         if args.keep is None:
             shutil.rmtree(save_root, ignore_errors=True)

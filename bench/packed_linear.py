@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 32, 64, 128, 704])
     parser.add_argument("--sizes", nargs="*", default=[], metavar="OUTxIN", help="more matrix shapes, e.g. 384x128")
     parser.add_argument("--repeats", type=int, default=5)
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     device = common.device()
@@ -45,6 +46,7 @@ def main() -> None:
         print("no packed products on this device or torch: nothing to compare")
         return
     rows_table = [["matrix", "dtype", "elements", "pack ms"] + [f"{m} rows: plain/packed ms" for m in args.rows]]
+    measured = []
     for name, (out_features, in_features) in shapes.items():
         for dtype in dtypes:
             generator = torch.Generator().manual_seed(0)
@@ -64,8 +66,11 @@ def main() -> None:
                 medians = common.alternate(variants, args.repeats)
                 plain, fast = medians["plain"]["s"] * 1e3, medians["packed"]["s"] * 1e3
                 cells.append(f"{plain:.3f}/{fast:.3f} ({plain / fast:.2f}x)")
+                measured.append(dict(matrix=name, dtype=str(dtype).removeprefix("torch."), rows=m, plain_ms=plain,
+                                     packed_ms=fast, pack_ms=pack_ms))
             rows_table.append([name, str(dtype).removeprefix("torch."), str(weight.numel()), f"{pack_ms:.2f}"] + cells)
     print(common.table(rows_table))
+    common.write_results(args.out, "packed_linear", dict(model=args.model, products=measured))
     print(f"language/packed.py: float32 matrices of at least {packed.FLOAT32_MIN_ELEMENTS} elements are packed; "
           f"trunk matrices take the packed product at most {packed.FLOAT32_MAX_ROWS} rows, the output embedding always")
 

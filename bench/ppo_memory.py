@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[32, 64], help="0 means no chunking")
     parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)  # set in the child process
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     if args.chunk is not None:
@@ -67,6 +68,7 @@ def main() -> None:
         peak = r["peak_gpu_gib"] if gpu else r["peak_rss_gib"]
         rows.append([str(r["chunk"] or "none"), f"{peak:.2f}", f"{r['rss_after_build_gib']:.2f}", f"{r['seconds']:.1f}"])
     print(common.table(rows))
+    common.write_results(args.out, "ppo_memory", dict(model=args.model, batch_size=args.batch_size, runs=results))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--noptepochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="measured updates per variant, after one warm-up")
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     shape = (args.model, args.batch_size, args.query_length, args.response_length)
@@ -132,6 +133,9 @@ def main() -> None:
     rows.append(["episodes/s", f"{eps_on:.2f}", f"{eps_off:.2f}", f"{eps_on / eps_off:.2f}x (on/off)", ""])
     print(common.table(rows))
     print(f"PPO update / sum of its parts alone: {medians['on']['total'] / sum(alone.values()):.2f}")
+    common.write_results(args.out, "ppo_speed", dict(
+        model=args.model, batch_size=args.batch_size, noptepochs=args.noptepochs, repeats=args.repeats,
+        seconds=medians, alone=alone, episodes_per_s=dict(on=eps_on, off=eps_off)))
 
 
 if __name__ == "__main__":

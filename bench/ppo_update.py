@@ -25,6 +25,8 @@ from lm_human_preferences.task.rewards import RewardModel
 from lm_human_preferences.training.run import RunHParams
 from lm_human_preferences.utils import distributed
 
+import common
+
 SIZES = {
     "124M": lm.HParams(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
     "test": lm.HParams(n_vocab=27, n_ctx=8, n_embd=7, n_head=1, n_layer=2),
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=distributed.PRECISIONS, default="auto")
     parser.add_argument("--query_length", type=int, default=64)
     parser.add_argument("--response_length", type=int, default=24)
+    common.add_out_arg(parser)
     args = parser.parse_args()
     if args.model == "test":
         args.query_length, args.response_length = min(args.query_length, 3), min(args.response_length, 5)
@@ -85,6 +88,10 @@ def main() -> None:
     print(f"episodes/s {result['episodes_per_s']:.2f}  s/update {result['s_per_update']:.2f}  "
           f"peak RSS {peak_gib:.2f} GiB  final kl {result['kl']:.4f}")
     sys.stdout.flush()
+    common.write_results(args.out, "ppo_update", dict(
+        model=args.model, batch_size=args.batch_size, updates=args.updates, chunk_size=args.chunk_size,
+        precision=args.precision, query_length=args.query_length, response_length=args.response_length,
+        peak_rss_gib=peak_gib, **result))
 
 
 if __name__ == "__main__":

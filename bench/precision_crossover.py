@@ -32,11 +32,13 @@ def main() -> None:
     common.add_size_args(parser, query_length=64, response_length=24)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     device = common.device()
     length = args.query_length + args.response_length
     rows = [["n_vocab/n_embd/n_layer", "params", "fp32 s", "bf16 s", "fp32/bf16", "auto picks"]]
+    sizes = []
     native = common.native_bf16()
     time_bf16 = True
     for n_vocab, n_embd, n_head, n_layer in TEST_SIZES if args.model == "test" else SIZES:
@@ -64,11 +66,14 @@ def main() -> None:
         auto = str(distributed.compute_dtype(device, "auto", n_params)).replace("torch.", "")
         rows.append([f"{n_vocab}/{n_embd}/{n_layer}", f"{n_params / 1e6:.1f}M", f"{f:.3f}",
                      "emulated: not timed" if b is None else f"{b:.3f}", "-" if b is None else f"{f / b:.2f}", auto])
+        sizes.append(dict(n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, params=n_params, fp32_s=f, bf16_s=b,
+                          auto=auto))
         time_bf16 = time_bf16 and (native or b < EMULATED_GIVE_UP * f)
         del model
     print(common.describe(args))
     print(f"forward + backward of {args.batch_size}×{length} tokens, medians of {args.repeats} after a warm-up")
     print(common.table(rows))
+    common.write_results(args.out, "precision_crossover", dict(batch_size=args.batch_size, tokens=length, sizes=sizes))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def main() -> None:
     common.add_size_args(parser)
     parser.add_argument("--records", type=int, default=4, help="best-of-4 records per step (4 sequences each)")
     parser.add_argument("--repeats", type=int, default=3)
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     torch.manual_seed(0)
@@ -79,6 +80,9 @@ def main() -> None:
         print(f"{precision}: shared/before {before / shared:.2f}x, shared/unshared {unshared / shared:.2f}x")
     if "bf16" in precisions:
         print(f"shared: bf16/fp32 {medians['fp32 shared']['s'] / medians['bf16 shared']['s']:.2f}x")
+    common.write_results(args.out, "reward_speed", dict(
+        model=args.model, sequences_a_step=4 * n, repeats=args.repeats,
+        seconds_a_step={name: m["s"] for name, m in medians.items()}))
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4, help="best-of-4 records per reward-model step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--copy_mib", type=int, default=512, help="size of the tensors that measure the bandwidth")
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     if args.model == "test":
@@ -272,20 +273,26 @@ def main() -> None:
           f"(trunk and logits, forward and backward), TFLOP/s: {rates(big)}; attention's batched products: "
           f"{rates([s for s in train if s.batch > 1])}" + ("" if native else "; bf16 not measured (emulated on this CPU)"))
     rows = [["phase (s)", "measured", "floor", "measured/floor"]]
+    phases: list[dict] = []
+
+    def phase(label: str, measured: float, floor: float) -> list[str]:
+        phases.append(dict(phase=label, measured_s=measured, floor_s=floor))
+        return row(label, measured, floor)
+
     floor_total = 0.0
     for key, label in ppo_speed.PHASES:
         floor = ppo.seconds(machine, key)
         floor_total += floor
-        rows.append(row(f"PPO {label}", update[key], floor))
-    rows.append(row("PPO other", update["other"], 0.0))
-    rows.append(row("PPO update", update["total"], floor_total))
+        rows.append(phase(f"PPO {label}", update[key], floor))
+    rows.append(phase("PPO other", update["other"], 0.0))
+    rows.append(phase("PPO update", update["total"], floor_total))
     sampling = medians["sampling"]
     query_floor = machine.products(ppo.products["sampling"], dtype)
-    rows.append(row(f"sampling alone ({b}×{r} tokens)", sampling["sampling"], ppo.seconds(machine, "sampling")))
-    rows.append(row("— query forward, first token", sampling["first"], query_floor))
-    rows.append(row(f"— {r - 1} decode steps", sampling["sampling"] - sampling["first"],
+    rows.append(phase(f"sampling alone ({b}×{r} tokens)", sampling["sampling"], ppo.seconds(machine, "sampling")))
+    rows.append(phase("— query forward, first token", sampling["first"], query_floor))
+    rows.append(phase(f"— {r - 1} decode steps", sampling["sampling"] - sampling["first"],
                     ppo.seconds(machine, "sampling") - query_floor))
-    rows.append(row(f"reward-model step ({4 * args.records} sequences)", medians["reward"]["step"],
+    rows.append(phase(f"reward-model step ({4 * args.records} sequences)", medians["reward"]["step"],
                     rm.seconds(machine, "step")))
     print(common.table(rows))
     # A decode step reads every weight for `b` new tokens: 2·b FLOPs per weight. Where that is near
@@ -301,6 +308,13 @@ def main() -> None:
           f"{b * r / medians['sampling']['sampling']:.0f} new tokens/s (floor {b * r / ppo.seconds(machine, 'sampling'):.0f}); "
           f"reward model: {4 * args.records / medians['reward']['step']:.1f} sequences/s "
           f"(floor {4 * args.records / rm.seconds(machine, 'step'):.1f})")
+    common.write_results(args.out, "roofline", dict(
+        model=args.model, batch_size=b, query_length=q, response_length=r, noptepochs=args.noptepochs,
+        records=args.records, repeats=args.repeats, dtype=str(dtype).removeprefix("torch."), clock=args.clock,
+        bandwidth_gb_s=machine.bandwidth / 1e9, peak_tflop_s=machine.peak / 1e12, phases=phases,
+        decode_step=dict(flop_per_byte=flops / moved, ridge_point=machine.peak / machine.bandwidth,
+                         measured_ms=(sampling["sampling"] - sampling["first"]) / max(r - 1, 1) * 1e3,
+                         reading_floor_ms=moved / machine.bandwidth * 1e3, computing_floor_ms=flops / machine.peak * 1e3)))
 
 
 if __name__ == "__main__":

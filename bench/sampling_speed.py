@@ -27,6 +27,7 @@ def main() -> None:
     common.add_size_args(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    common.add_out_arg(parser)
     args = parser.parse_args()
     common.prepare(args)
     torch.manual_seed(0)
@@ -64,6 +65,9 @@ def main() -> None:
         rows.append([name, f"{m['s']:.3f}", f"{batch * args.response_length / m['s']:.0f}",
                      f"{medians['fp32']['s'] / m['s']:.2f}x"])
     print(common.table(rows))
+    common.write_results(args.out, "sampling_speed", dict(
+        model=args.model, batch_size=batch, new_tokens=args.response_length, repeats=args.repeats,
+        seconds_a_call={name: m["s"] for name, m in medians.items()}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and gradient equals the plain computation's (float32, within float rounding), with padding,
 with and without shared query prefixes, for the policy with its value head and the reward model."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,12 +142,17 @@ def test_a_ppo_update_with_checkpointing_moves_the_policy_as_without():
         torch.testing.assert_close(checkpointed[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_model_sizes_bench_runs():
+def test_model_sizes_bench_runs(tmp_path):
     """bench/model_sizes.py on the tiny model: a fresh process per measurement, a row for each."""
     script = Path(__file__).resolve().parent.parent / "bench" / "model_sizes.py"
-    done = subprocess.run([sys.executable, str(script), "--sizes", "test", "--batch_size", "4", "--records", "2"],
+    done = subprocess.run([sys.executable, str(script), "--sizes", "test", "--batch_size", "4", "--records", "2",
+                           "--out", str(tmp_path / "sizes.json")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("test ")]
     assert [(r[1], r[-7]) for r in rows] == [("PPO", "off"), ("PPO", "on"), ("reward", "off"), ("reward", "on")]
     assert all(float(r[-5]) > 0 and float(r[-2]) >= 0 for r in rows)  # peak RSS, CPU seconds (0.0 when tiny)
+    record = json.loads((tmp_path / "sizes.json").read_text())
+    assert [(r["phase"], r["checkpointing"]) for r in record["results"]["runs"]] == \
+        [("ppo", "off"), ("ppo", "on"), ("reward", "off"), ("reward", "on")]
+    assert record["provenance"]["torch"] == torch.__version__

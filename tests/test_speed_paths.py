@@ -1,7 +1,9 @@
 """The fast paths give the results of the plain ones: shared query prefixes, frozen bf16 models,
 mask-free attention, per-forward autocast, the precision rule; and the bench scripts run."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -306,13 +308,24 @@ def test_precision_rule(monkeypatch):
     ("precision_crossover.py", ["--repeats", "1"], "fp32/bf16"),
     ("packed_linear.py", ["--repeats", "1", "--rows", "2", "70", "--sizes", "300x40"], "plain/packed"),
 ])
-def test_bench_scripts_run(script, args, expected):
-    """Every benchmark runs end to end on the tiny model (a few seconds; no timing is checked)."""
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--model", "test", *args],
+def test_bench_scripts_run(script, args, expected, tmp_path):
+    """Every benchmark runs end to end on the tiny model (a few seconds; no timing is checked) and
+    writes its results with their provenance."""
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--model", "test", *args, "--out", str(out)],
                             capture_output=True, text=True, timeout=120, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert expected in result.stdout
+    record = json.loads(out.read_text())
+    assert record["bench"] == script.removesuffix(".py") and record["command"].startswith(f"python bench/{script} ")
+    assert record["results"]
+    provenance = record["provenance"]
+    assert provenance["torch"] == torch.__version__ and provenance["threads"] >= 1
+    assert provenance["machine"]["kind"] in ("cpu", "cuda") and provenance["machine"]["cpu"]
+    assert isinstance(provenance["machine"]["native_bf16"], bool)
+    assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?|unknown", provenance["commit"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", provenance["date"])
 
 
 def _train_steps(module, loss_of, steps: int = 3):
