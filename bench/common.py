@@ -36,13 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
     "124M": lm.HParams(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "774M": lm.HParams(n_vocab=50257, n_ctx=1024, n_embd=1280, n_head=20, n_layer=36),
     "test": lm.HParams(n_vocab=27, n_ctx=16, n_embd=8, n_head=2, n_layer=2),
 }
 
 
 def add_size_args(parser, query_length: int = 64, response_length: int = 24) -> None:
     parser.add_argument("--model", choices=SIZES, default="124M",
-                        help="124M: GPT-2 small with random weights; test: tiny, to check that the script runs")
+                        help="124M, 774M: GPT-2's shapes with random weights; test: tiny, to check that the script runs")
     parser.add_argument("--query_length", type=int, default=query_length)
     parser.add_argument("--response_length", type=int, default=response_length)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

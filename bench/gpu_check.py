@@ -2,7 +2,6 @@
 """One command for the day a GPU is there: what CPU CI cannot check, then PPO speed at the paper's shapes.
 
     python bench/gpu_check.py                     # on CUDA: GPT-2 124M (random weights); under 10 minutes on one H100
-    python bench/gpu_check.py --compile           # also compiled figures, where the tree has a run.compile option
     python bench/gpu_check.py --model test        # tiny, on any machine: the CPU smoke test of this script
 
 Checks, each isolated (one that fails or crashes is reported and the others still run):
@@ -32,16 +31,16 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 import common
 from lm_human_preferences.language import model as lm
-from lm_human_preferences.task.policy import Policy
-from lm_human_preferences.task.rewards import RewardModel
-from lm_human_preferences.training import train_policy
-from lm_human_preferences.training.run import RunHParams
+from lm_human_preferences.language import trained_models
+from lm_human_preferences.task.policy import Policy, load_policy
+from lm_human_preferences.training import train_policy, train_reward
 from lm_human_preferences.utils import distributed
 
 SIZES = {"124M": common.SIZES["124M"], "test": lm.HParams(n_vocab=27, n_ctx=32, n_embd=16, n_head=2, n_layer=2)}
@@ -60,28 +59,44 @@ class Skip(Exception):
     """A check that does not apply here (the message says why)."""
 
 
-def _model(size: str, heads: tuple[str, ...], device: torch.device, seed: int = 0) -> lm.Model:
-    torch.manual_seed(seed)
-    m = lm.Model(SIZES[size], heads=heads)
-    if "value" in m.heads:
-        with torch.no_grad():
-            m.heads["value"].weight.normal_(std=0.1)  # the value head starts at zero; give it something to check
-    return m.to(device)
+def write_random_model(size: str, folder: Path) -> str:
+    """A model folder of `size` with random weights (the original's initializers): what the commands
+    load as `task.policy.initial_model`, with no weights to download. GPT-2's encoding (from the
+    cache or LMHP_MIRROR), or for `test` the tiny one's."""
+    if not (folder / "checkpoints" / "latest").exists():
+        torch.manual_seed(0)
+        encoding = "test" if size == "test" else "main"
+        trained_models.save_checkpoint(folder, SIZES[size], encoding, lm.Model(SIZES[size]).state_dict(), step=0)
+    return str(folder)
+
+
+def model_name(args) -> str:
+    """The random-weight folder of --model that the checks load through the commands' constructors."""
+    return write_random_model(args.model, Path(args.model_dir or tempfile.mkdtemp()) / f"random-{args.model}")
+
+
+def _task(args):
+    task = common.task_hparams(args.model, args.query_length, args.response_length)
+    task.policy.initial_model = args.initial_model
+    return task
 
 
 def _policy(args, device: torch.device, precision: str) -> Policy:
-    hparams = SIZES[args.model]
-    task = common.task_hparams(args.model, args.query_length, args.response_length)
-    return Policy(_model(args.model, ("value",), device), common.bench_encoding(hparams.n_vocab), task,
-                  precision=precision)
+    """The policy PPO trains, as train_policy loads it (task/policy.load_policy), with its value head
+    given weights (it starts at zero) so that the checks compare something."""
+    torch.manual_seed(0)
+    policy = load_policy(args.initial_model, _task(args), device, heads=("value",))
+    policy.precision = precision
+    with torch.no_grad():
+        policy.model.heads["value"].weight.normal_(std=0.1)
+    return policy
 
 
-def _tokens(args, device: torch.device, batch: int, padded: bool,
+def _tokens(args, device: torch.device, batch: int, padded: bool, pad: int,
             padded_responses: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random queries and responses over the bench encoding's letters; with `padded`, some
-    queries start with padding (and with `padded_responses` some responses are truncated)."""
+    """Random queries and responses over the first 26 token ids; with `padded`, some queries start
+    with padding `pad` (and with `padded_responses` some responses are truncated)."""
     gen = torch.Generator().manual_seed(1)
-    pad = common.bench_encoding(SIZES[args.model].n_vocab).padding_token
     queries = torch.randint(0, 26, (batch, args.query_length), generator=gen)
     responses = torch.randint(0, 26, (batch, args.response_length), generator=gen)
     if padded:
@@ -97,10 +112,11 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_bf16(args, device: torch.device) -> str:
-    queries, responses = _tokens(args, device, args.check_batch, padded=True)  # responses as sampled: no padding
     results = {}
     for precision in ("fp32", "bf16"):
         policy = _policy(args, device, precision)
+        # responses as sampled: no padding
+        queries, responses = _tokens(args, device, args.check_batch, True, policy.encoding.padding_token)
         out = policy.analyze_responses(queries, responses)
         (out["logprobs"].mean() + out["values"].pow(2).mean()).backward()
         grad = torch.cat([p.grad.reshape(-1).double() for p in policy.model.parameters() if p.grad is not None])
@@ -128,8 +144,8 @@ def _mask_free_on(device: torch.device, on: bool):
 
 
 def check_mask_free(args, device: torch.device) -> str:
-    model = _model(args.model, ("value",), device)
-    queries, responses = _tokens(args, device, args.check_batch, padded=False)
+    model = _policy(args, device, "fp32").model
+    queries, responses = _tokens(args, device, args.check_batch, False, pad=0)
     tokens = torch.cat([queries, responses], dim=1)
     outputs = {}
     for on in (False, True):
@@ -150,7 +166,7 @@ def check_mask_free(args, device: torch.device) -> str:
 
 def check_kv_cache(args, device: torch.device) -> str:
     policy = _policy(args, device, "fp32")
-    queries, _ = _tokens(args, device, args.check_batch, padded=True)
+    queries, _ = _tokens(args, device, args.check_batch, True, policy.encoding.padding_token)
     sampled = policy.respond(queries, args.response_length, torch.Generator(device).manual_seed(2))
     with torch.no_grad():
         full = policy.analyze_responses(queries, sampled["responses"])
@@ -264,28 +280,22 @@ def _peak_tflops(args, device: torch.device) -> tuple[float | None, str]:
     return None, f"no peak known for {name}; give --peak_tflops"
 
 
-def _trainer(args, device: torch.device, per_rank: int, compiled: bool) -> train_policy.PPOTrainer:
-    """As common.make_trainer (policy with value head, reference, reward model; random weights),
-    with run.compile set before the trainer configures the models, when asked for."""
+def _trainer(args, device: torch.device, per_rank: int) -> train_policy.PPOTrainer:
+    """The PPO trainer as the commands build it: policy and reference by train_policy.load_policies,
+    a new reward model by train_reward.new_reward_model."""
     torch.manual_seed(0)
-    hparams = SIZES[args.model]
-    encoding = common.bench_encoding(hparams.n_vocab)
-    task = common.task_hparams(args.model, args.query_length, args.response_length)
+    task = _task(args)
     hp = train_policy.HParams(task=task)
     hp.rewards.trained_model = "random"
     hp.ppo.batch_size, hp.ppo.total_episodes, hp.ppo.noptepochs = per_rank, per_rank * 10 ** 6, 4
     hp.run.chunk_size = args.chunk_size or None
-    if compiled:
-        hp.run.compile = True
-    policy = Policy(lm.Model(hparams, heads=("value",)).to(device), encoding, task)
-    reference = lm.Model(hparams).to(device)
-    reference.load_state_dict(policy.model.state_dict(), strict=False)  # the policy starts as the reference
-    reward_model = RewardModel(lm.Model(hparams, heads=("reward",)), encoding).to(device)
-    return train_policy.PPOTrainer(policy, Policy(reference, encoding, task), reward_model, hp, seed=0)
+    policy, reference = train_policy.load_policies(task, device)
+    reward_model, _ = train_reward.new_reward_model(task, device)
+    return train_policy.PPOTrainer(policy, reference, reward_model, hp, seed=0)
 
 
-def _ppo_run(args, device: torch.device, per_rank: int, compiled: bool) -> dict[str, float]:
-    trainer = _trainer(args, device, per_rank, compiled)
+def _ppo_run(args, device: torch.device, per_rank: int) -> dict[str, float]:
+    trainer = _trainer(args, device, per_rank)
     sampling: list[float] = []
     real_respond = trainer.policy.respond
 
@@ -306,14 +316,12 @@ def _ppo_run(args, device: torch.device, per_rank: int, compiled: bool) -> dict[
     return result
 
 
-def check_ppo(args, device: torch.device, compiled: bool = False) -> str:
-    if compiled and not hasattr(RunHParams(), "compile"):
-        raise Skip("this tree has no run.compile option (training/run.py RunHParams)")
+def check_ppo(args, device: torch.device) -> str:
     ranks = max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
     if args.batch_size % ranks:
         raise AssertionError(f"batch {args.batch_size} does not split over {ranks} GPUs")
     per_rank = args.batch_size // ranks
-    r = _ppo_run(args, device, per_rank, compiled)
+    r = _ppo_run(args, device, per_rank)
     hp = SIZES[args.model]
     flops = update_flops(hp, per_rank, args.query_length, args.response_length, 4)
     peak, source = _peak_tflops(args, device)
@@ -352,11 +360,12 @@ def main() -> None:
     parser.add_argument("--query_length", type=int, default=64)
     parser.add_argument("--response_length", type=int, default=24)
     parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s, for MFU")
-    parser.add_argument("--compile", action="store_true", help="also PPO with run.compile, if the tree has it")
     parser.add_argument("--skip", nargs="*", default=[], choices=["bf16", "mask_free", "kv_cache", "nccl", "gloo", "ppo"])
+    parser.add_argument("--model_dir", help="where the random-weight model folder is written (default: a temporary one)")
     args = parser.parse_args()
     if args.model == "test":  # its context is 32 tokens
         args.query_length, args.response_length = min(args.query_length, 12), min(args.response_length, 8)
+    args.initial_model = model_name(args)
     device = distributed.device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; no CUDA: the GPU-only parts are skipped)"
@@ -365,8 +374,6 @@ def main() -> None:
               "kv_cache": lambda: check_kv_cache(args, device), "nccl": lambda: check_nccl(args, device),
               "gloo": lambda: check_gloo(args, device),
               "ppo": lambda: check_ppo(args, device)}
-    if args.compile:
-        checks["ppo, compiled"] = lambda: check_ppo(args, device, compiled=True)
     statuses = {}
     for check, fn in checks.items():
         if check.split(",")[0] in args.skip:
