@@ -190,7 +190,8 @@ def test_launch_dry_run(capsys):
     assert cli.main("launch", ["train_dpo", "mock_sentiment", "x", "--dry_run", "--beta", "0.3",
                                "--loss", "best_of_n"]) == 0
     printed = capsys.readouterr().out
-    hp = json.loads(printed[printed.index("{"):])
+    hp, _ = json.JSONDecoder().raw_decode(printed[printed.index("{"):])  # the plan follows the hparams
+    assert "DPO:" in printed and "batches of 64" in printed
     assert hp["beta"] == 0.3 and hp["loss"] == "best_of_n" and hp["labels"]["source"] == "mock:sentiment"
     assert hp["labels"] == experiments.get("train_reward", "mock_sentiment").labels.to_nested_dict()
 

@@ -50,7 +50,7 @@ def test_ppo_update_peak_is_within_a_factor_of_the_measured_one(tmp_path):
     encoding = encodings.get("kjv_words")
 
     def update():
-        policy, ref_policy = train_policy.load_policies(hp, torch.device("cpu"))
+        policy, ref_policy = train_policy.load_policies(hp.task, torch.device("cpu"))
         reward_model = RewardModel(lm.Model(KJV, heads=("reward",)), encoding)
         train_policy.PPOTrainer(policy, ref_policy, reward_model, hp, seed=0).step(0)
 
