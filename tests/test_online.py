@@ -36,6 +36,16 @@ SHORT = ["--rewards.online", "on", "--rewards.train_new_model.labels.num_train",
          "--rewards.train_new_model.batch_size", "16", "--rewards.train_new_model.normalize_samples", "32",
          "--rewards.train_new_model.rollout_batch_size", "32", "--ppo.batch_size", "16", "--ppo.total_episodes", "96",
          "--ppo.lr", "5e-4", "--rewards.online.interval", "32", "--run.log_interval", "100", "--run.seed", str(SEED)]
+
+
+def short(**values: str) -> list[str]:
+    """SHORT with some of its flags given other values (a flag may be given once)."""
+    flags = list(SHORT)
+    for key, value in values.items():
+        flags[flags.index(f"--{key}") + 1] = value
+    return flags
+
+
 # The module's straight and killed runs rescale kl_coef at every round (a resume must restore it).
 RESCALED = ["--rewards.online.rescale_kl_coef", "on"]
 
@@ -249,8 +259,8 @@ class Person(threading.Thread):
 
 def test_people_label_through_the_app_and_a_stopped_wait_resumes(tmp_path, capsys):
     port = free_port()
-    args = ["train_policy", "mock_descriptiveness", "people", "--save_dir", str(tmp_path), *SHORT,
-            "--rewards.train_new_model.labels.num_train", "32", "--ppo.total_episodes", "64",
+    args = ["train_policy", "mock_descriptiveness", "people", "--save_dir", str(tmp_path),
+            *short(**{"rewards.train_new_model.labels.num_train": "32", "ppo.total_episodes": "64"}),
             "--rewards.train_new_model.labels.source", f"app:{port}"]
     # rounds before updates 0 and 2, 16 + 4 questions each; SIGTERM while round 1 waits
     person = Person(port, stop_at=20)
