@@ -15,11 +15,9 @@ more pieces make a whole training step run that way:
   generator on another device than the op's, and a collective given a CPU tensor under NCCL.
 """
 
-import contextlib
 import hashlib
 import os
 import subprocess
-import sys
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field

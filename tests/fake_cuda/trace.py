@@ -53,9 +53,9 @@ class Checks(TorchDispatchMode):
             if self.nccl and cpu:
                 raise AssertionError(f"{harness.call_site()}: collective {func} got CPU tensors {cpu} (NCCL refuses them)")
             self.log.device_work = True
-            return _run_real(func, args, kwargs, tensors) if not fake else func(*args, **kwargs)
+            return _run_real(func, args, kwargs) if not fake else func(*args, **kwargs)
         if not fake and not on_cuda:
-            return _run_real(func, args, kwargs, tensors)
+            return _run_real(func, args, kwargs)
         if func is aten._local_scalar_dense.default:
             site = harness.call_site()
             return self._read(args[0], next((v for k, v in harness.ANSWERS.items() if site.startswith(k)), _answer(args[0])))
@@ -115,7 +115,7 @@ def _answer(tensor: torch.Tensor):
     return _HOST_INTS.randrange(1, harness.HOST_TOKENS)
 
 
-def _run_real(func, args, kwargs, tensors):
+def _run_real(func, args, kwargs):
     with unset_fake_temporarily():
         return func(*args, **kwargs)
 
